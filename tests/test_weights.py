@@ -1,0 +1,115 @@
+"""Model-folder resolution, safetensors validation and hub errors (no network needed)."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from fixtures import write_golden_lance_folder, write_golden_vit_folder
+from lance_mlx import weights as W
+
+
+@pytest.fixture(scope="module")
+def upstream_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("upstream")
+    write_golden_lance_folder(root / "Lance_3B")
+    write_golden_vit_folder(root / "Qwen2.5-VL-ViT")
+    (root / "Wan2.2_VAE.pth").write_bytes(b"placeholder")
+    return root
+
+
+def test_locate_upstream_root_and_subfolder(upstream_root):
+    f = W.locate(upstream_root, "t2i")
+    assert f.layout == "upstream" and f.llm_weights == [upstream_root / "Lance_3B" / "model.safetensors"]
+    assert f.vae_weights == upstream_root / "Wan2.2_VAE.pth" and f.vit_weights is None
+    g = W.locate(upstream_root / "Lance_3B", "image_edit")  # a checkpoint folder: ViT/VAE found beside it
+    assert g.vit_weights == upstream_root / "Qwen2.5-VL-ViT" / "vit.safetensors"
+    assert g.tokenizer_dir == upstream_root / "Lance_3B"
+
+
+def test_missing_parts_are_named_with_the_fix(upstream_root, tmp_path):
+    with pytest.raises(W.WeightsError, match=r"Lance_3B_Video.*hf download"):
+        W.locate(upstream_root, "t2v")
+    (tmp_path / "Lance_3B").mkdir()
+    (tmp_path / "Lance_3B" / "llm_config.json").write_text("{}")
+    with pytest.raises(W.WeightsError, match=r"no model.safetensors.*hf download"):
+        W.locate(tmp_path, "x2t_image")
+    with pytest.raises(W.WeightsError, match="not a Lance model folder"):
+        W.locate(upstream_root / "Qwen2.5-VL-ViT", "t2i")
+    with pytest.raises(W.WeightsError, match="not found"):
+        W.locate(tmp_path / "nope", "t2i")
+    with pytest.raises(ValueError, match="unknown task"):
+        W.locate(upstream_root, "paint")
+
+
+def test_vit_missing_for_understanding(tmp_path):
+    write_golden_lance_folder(tmp_path / "Lance_3B")
+    with pytest.raises(W.WeightsError, match=r"vit.safetensors.*Qwen2.5-VL-ViT"):
+        W.locate(tmp_path, "x2t_image")
+
+
+def test_truncated_and_corrupt_safetensors(tmp_path):
+    good = tmp_path / "good.safetensors"
+    mx.save_safetensors(str(good), {"x": mx.ones((64, 64))})
+    data = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-1000])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
+    (tmp_path / "text.safetensors").write_bytes(b"hello world, not weights at all")
+    assert set(W.load_safetensors([good])) == {"x"}
+    with pytest.raises(W.WeightsError, match="truncated"):
+        W.load_safetensors([tmp_path / "cut.safetensors"])
+    for name in ("junk", "text"):
+        with pytest.raises(W.WeightsError, match="corrupt"):
+            W.load_safetensors([tmp_path / f"{name}.safetensors"])
+    w = W.load_safetensors([good], dtype=mx.bfloat16)
+    assert w["x"].dtype == mx.bfloat16
+
+
+def test_sharded_index_missing_shard(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    mx.save_safetensors(str(tmp_path / "model-00001-of-00002.safetensors"), {"a": mx.zeros((2,))})
+    with pytest.raises(W.WeightsError, match=r"missing weight shards \['model-00002-of-00002.safetensors'\]"):
+        W.sharded_files(tmp_path)
+
+
+def test_check_keys_lists_problems():
+    import mlx.nn as nn
+
+    m = nn.Linear(4, 3)
+    with pytest.raises(W.WeightsError) as e:
+        W.check_keys(m, {"weight": mx.zeros((3, 5)), "extra": mx.zeros((1,))}, "test model")
+    msg = str(e.value)
+    assert "missing keys (1): bias" in msg and "unexpected keys (1): extra" in msg
+    assert "weight (3, 5) vs expected (3, 4)" in msg
+
+
+def test_dtype_names():
+    assert W.parse_dtype("bfloat16") == mx.bfloat16
+    with pytest.raises(ValueError, match="use one of float32, bfloat16, float16"):
+        W.parse_dtype("fp8")
+
+
+def test_hub_patterns_fetch_only_what_a_task_needs():
+    p = W.hub_patterns(W.UPSTREAM_REPO, None, "t2i", converted=False)
+    assert "Lance_3B/model.safetensors" in p and "Wan2.2_VAE.pth" in p
+    assert not any("Video" in x or "ViT" in x for x in p)
+    p = W.hub_patterns(W.UPSTREAM_REPO, None, "x2t_video", converted=False)
+    assert "Lance_3B_Video/model.safetensors" in p and "Qwen2.5-VL-ViT/vit.safetensors" in p
+    assert "Wan2.2_VAE.pth" not in p
+    p = W.hub_patterns("me/lance-mlx", None, "t2i", converted=True)
+    assert "vae.safetensors" in p and "vit.safetensors" not in p
+
+
+def test_offline_without_cache_names_missing_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(W.WeightsError) as e:
+        W.resolve("bytedance-research/Lance", "t2i")
+    msg = str(e.value)
+    assert "HF_HUB_OFFLINE" in msg and "Lance_3B/model.safetensors" in msg and "hf download" in msg
