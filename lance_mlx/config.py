@@ -42,6 +42,9 @@ class LLMConfig:
     max_position_embeddings: int = 128000  # [llm_config]
     # [llm_config] says true, but upstream runs with --tie_word_embeddings false and stores lm_head [sh], [ckpt].
     tie_word_embeddings: bool = False
+    # Per-head RMSNorm on q and k before RoPE, both experts ([sh] --llm_qk_norm true). Plain Qwen2.5-VL has none;
+    # False is only used to compare with reference Qwen2.5-VL implementations.
+    qk_norm: bool = True
     # Vision timing used by the mRoPE index rule: tokens_per_second * second_per_grid_t (1.0) [vit_config].
     tokens_per_second: int = 2
     spatial_merge_size: int = 2  # [vit_config]; VAE grids are passed doubled so the merge yields the latent grid

@@ -1,0 +1,391 @@
+"""`Lance`: the MoT language model plus latent adapters, and the KV-cached flow-matching generation machinery."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence as Seq, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import sampler as S
+from .config import LanceConfig
+from .llm import KVCache, Qwen2ForCausalLM, Rope, Routing, cache_arrays
+from .pipelines import LancePipelines
+from .sequence import Branch, Sequence, Split, attention_mask, generation_sequence
+
+__all__ = ["Lance", "LanceConfig", "TimestepEmbedder", "LatentPositionTable", "GenerationContext", "Velocity"]
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> 256-d [cos, sin] frequency embedding -> Linear -> SiLU -> Linear (modeling_utils.py)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        # a list, so the keys are mlp.0.* and mlp.2.* as upstream's nn.Sequential
+        self.mlp = [nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                    nn.Linear(hidden_size, hidden_size)]
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
+        """(N,) times -> (N, dim) float32, cos first; t is used as is (no x1000)."""
+        half = dim // 2
+        # float32 arithmetic as upstream: exp(-ln(max_period) * k / half)
+        freqs = np.exp(np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half))
+        args = t.astype(mx.float32)[:, None] * mx.array(freqs.astype(np.float32))[None]
+        emb = mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+        if dim % 2:
+            emb = mx.concatenate([emb, mx.zeros_like(emb[:, :1])], axis=-1)
+        return emb
+
+    def __call__(self, t: mx.array) -> mx.array:
+        x = self.timestep_embedding(t, self.frequency_embedding_size).astype(self.mlp[0].weight.dtype)
+        for layer in self.mlp:
+            x = layer(x)
+        return x
+
+
+class LatentPositionTable:
+    """Rows of upstream's fixed 3-D sin-cos latent table (frames x size x size, hidden), computed on demand.
+
+    modeling_utils.py::get_3d_sincos_pos_embed: per axis `[sin(p*w), cos(p*w)]`, w_k = 10000^(-k/(D/2)),
+    float64 then float32; axis dims d, d, hidden - 2d with d = hidden // 3 made even. Row id of latent
+    (t, h, w) is t*size*size + h*size + w. Plain object (not a Module), so nothing here is a parameter.
+    """
+
+    def __init__(self, hidden_size: int, max_frames: int, max_size: int):
+        d = hidden_size // 3
+        d = d if d % 2 == 0 else d - 1
+        self.dims = (d, d, hidden_size - 2 * d)
+        self.max_frames, self.max_size = max_frames, max_size
+        self._cache: Dict[Tuple[int, int, int], mx.array] = {}
+
+    @staticmethod
+    def _axis(dim: int, n: int) -> np.ndarray:
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        omega = 1.0 / 10000 ** omega
+        out = np.arange(n, dtype=np.float32)[:, None] * omega[None]  # float64 (n, dim/2)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    def check(self, shape: Tuple[int, int, int]) -> None:
+        t, h, w = shape
+        if min(t, h, w) < 1:
+            raise ValueError(f"latent grid {tuple(shape)} must be positive in every axis")
+        if t > self.max_frames or h > self.max_size or w > self.max_size:
+            raise ValueError(
+                f"latent grid (t={t}, h={h}, w={w}) exceeds the 3-D position table ({self.max_frames} frames, "
+                f"{self.max_size}x{self.max_size} latents = {self.max_size * 16} px per side); use at most "
+                f"{self.max_size * 16} px per side and {4 * (self.max_frames - 1) + 1} frames")
+
+    def rows(self, shape: Tuple[int, int, int]) -> mx.array:
+        """(t*h*w, hidden) float32 rows of the latent grid (t, h, w) in raster order."""
+        shape = tuple(int(v) for v in shape)
+        if shape not in self._cache:
+            self.check(shape)
+            t, h, w = shape
+            et, eh, ew = self._axis(self.dims[0], t), self._axis(self.dims[1], h), self._axis(self.dims[2], w)
+            rows = np.concatenate([
+                np.broadcast_to(et[:, None, None], (t, h, w, et.shape[1])),
+                np.broadcast_to(eh[None, :, None], (t, h, w, eh.shape[1])),
+                np.broadcast_to(ew[None, None, :], (t, h, w, ew.shape[1])),
+            ], axis=-1).reshape(t * h * w, -1)  # (t*h*w, hidden)
+            self._cache[shape] = mx.array(rows.astype(np.float32))
+        return self._cache[shape]
+
+    def row_ids(self, shape: Tuple[int, int, int]) -> np.ndarray:
+        """Upstream's flattened table indices t*size^2 + h*size + w (data_utils.py)."""
+        t, h, w = shape
+        s = self.max_size
+        return (np.arange(t)[:, None, None] * s * s + np.arange(h)[None, :, None] * s
+                + np.arange(w)[None, None, :]).reshape(-1)
+
+
+@dataclass
+class BranchState:
+    """One CFG branch ready for noise queries: its frozen context cache and the noise block's RoPE tables."""
+
+    branch: Branch
+    cache: List[KVCache]
+    rope: Rope
+    context_hidden: List[mx.array]  # final-normed hidden states of each prefilled split (when kept)
+
+
+@dataclass
+class GenerationContext:
+    """Everything fixed across denoising steps of one request."""
+
+    sequence: Sequence
+    shape: Tuple[int, int, int]
+    cond: BranchState
+    uncond: Optional[BranchState]
+    markers: mx.array  # (2, hidden): <|vision_start|>, <|vision_end|> embeddings of the noise block
+    pos_rows: mx.array  # (N, hidden) 3-D table rows of the target grid, model dtype
+    routing: Routing  # und, gen x N, und
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.shape
+        return t * h * w
+
+
+@dataclass
+class Velocity:
+    """One denoising step's velocities (N, 48) float32; v_uncond / v_cfg / scale are None without CFG."""
+
+    v_cond: mx.array
+    v_uncond: Optional[mx.array]
+    v_cfg: Optional[mx.array]
+    scale: Optional[mx.array]
+    v: mx.array
+
+
+class Lance(LancePipelines, nn.Module):
+    """Lance 3B (LLM + adapters). Keys equal upstream's state dict minus `latent_pos_embed.pos_embed`.
+
+    `from_pretrained` and the per-task calls come from `pipelines.LancePipelines`; the generation machinery
+    (context prefill, per-step velocity, sampling loop) is defined here.
+    """
+
+    def __init__(self, config: LanceConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.llm.hidden_size
+        patch_dim = config.latent_channels * config.latent_patch_size ** 3
+        self.language_model = Qwen2ForCausalLM(config.llm)
+        self.vae2llm = nn.Linear(patch_dim, hidden)
+        self.llm2vae = nn.Linear(hidden, patch_dim)
+        self.time_embedder = TimestepEmbedder(hidden, config.timestep_frequency_dim)
+        # upstream discards the stored table and rebuilds this one (inference_lance.py)
+        self.latent_pos = LatentPositionTable(hidden, config.max_latent_frames, config.max_latent_size)
+
+    # ------------------------------------------------------------------------------------------------ weights
+    @staticmethod
+    def sanitize(weights: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop the stored latent position table (rebuilt) and the ViT bundled with the video checkpoint."""
+        return {k: v for k, v in weights.items()
+                if k != "latent_pos_embed.pos_embed" and not k.startswith("vit_model.")}
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.vae2llm.weight.dtype
+
+    # --------------------------------------------------------------------------------------------- embeddings
+    def embed_tokens(self, ids) -> mx.array:
+        """(L,) ids -> (L, hidden)."""
+        return self.language_model.model.embed_tokens(mx.array(np.asarray(ids, dtype=np.int32)))
+
+    def time_embed(self, t: Union[float, mx.array]) -> mx.array:
+        """(1, hidden) for a scalar t, (n, hidden) for per-token times."""
+        ta = mx.array(t, dtype=mx.float32).reshape(-1)
+        return self.time_embedder(ta)
+
+    def embed_latents(self, x: mx.array, t: Union[float, mx.array], shape: Tuple[int, int, int],
+                      pos_rows: Optional[mx.array] = None) -> mx.array:
+        """Latent tokens (N, 48) -> vae2llm(x) + time(t) + pos3d rows, (N, hidden) in the model dtype."""
+        dt = self.dtype
+        if pos_rows is None:
+            pos_rows = self.latent_pos.rows(shape).astype(dt)
+        return self.vae2llm(x.astype(dt)) + self.time_embed(t).astype(dt) + pos_rows
+
+    def embed_split(self, split: Split, x: Optional[mx.array] = None, t: Union[float, mx.array] = 0.0) -> mx.array:
+        """(1, L, hidden) inputs of a split. Visual blocks take `x` (or `split.data`) as the body: ViT embeddings
+        (K, hidden) or latents (t*h*w, 48), conditioning latents at t = 0 by default."""
+        if split.kind == "text":
+            return self.embed_tokens(split.ids)[None]
+        body = split.data if x is None else x
+        if body is None:
+            raise ValueError(f"the {split.kind} split needs its input (ViT embeddings or latents) in `data`")
+        markers = self.embed_tokens([split.ids[0], split.ids[-1]])
+        if split.kind == "vit":
+            body = mx.array(body).astype(self.dtype)
+        else:
+            body = self.embed_latents(mx.array(body), t, split.grid)
+        return mx.concatenate([markers[:1], body, markers[1:]], axis=0)[None]
+
+    # ---------------------------------------------------------------------------------------------- context
+    def prefill(self, splits: Seq[Split], positions: Seq[np.ndarray], cache: Optional[List[KVCache]] = None,
+                return_hidden: bool = False) -> Tuple[List[KVCache], List[mx.array]]:
+        """Run splits in order into a KV cache (causal splits causal over cache + split, full splits
+        bidirectional over cache + split); latent bodies take the gen expert. Returns (cache, hidden), hidden
+        being the final-normed (1, L, hidden) states of each split when `return_hidden` (e.g. for logits)."""
+        lm = self.language_model.model
+        cache = cache if cache is not None else self.language_model.make_cache()
+        hidden = []
+        for s, p in zip(splits, positions):
+            h = lm(self.embed_split(s), p, routing=Routing(s.gen_mask),
+                   cache=cache, attn="causal" if s.is_causal else "full")
+            # Evaluate the outputs now: an unevaluated one would keep every layer's activations alive.
+            if return_hidden:
+                hidden.append(h)
+                mx.eval(h, cache_arrays(cache))
+            else:
+                mx.eval(cache_arrays(cache))
+        return cache, hidden
+
+    def _branch_state(self, branch: Branch, keep_hidden: bool) -> BranchState:
+        cache, hidden = self.prefill(branch.context, branch.context_positions, return_hidden=keep_hidden)
+        rope = self.language_model.model.rope(branch.noise_positions)
+        return BranchState(branch, cache, rope, hidden)
+
+    def prepare_generation(self, seq: Sequence, cfg: bool = True, keep_hidden: bool = False) -> GenerationContext:
+        """Prefill the conditional context (and, with cfg, the text-unconditional one) of `seq`.
+        `keep_hidden` also keeps each prefilled split's output hidden states (debugging, parity tests)."""
+        cond_b, uncond_b = seq.cfg_branches() if cfg else (seq.branch(()), None)
+        noise = cond_b.noise
+        if noise.kind != "latent":
+            raise ValueError("the noise split must be a latent block")
+        shape = noise.grid
+        self.latent_pos.check(shape)
+        dt = self.dtype
+        markers = self.embed_tokens([noise.ids[0], noise.ids[-1]])
+        pos_rows = self.latent_pos.rows(shape).astype(dt)
+        cond = self._branch_state(cond_b, keep_hidden)
+        uncond = self._branch_state(uncond_b, keep_hidden) if uncond_b is not None else None
+        mx.eval(markers, pos_rows, cond.rope, *(uncond.rope if uncond else ()))
+        return GenerationContext(seq, shape, cond, uncond, markers, pos_rows, Routing(noise.gen_mask))
+
+    # ---------------------------------------------------------------------------------------------- velocity
+    def noise_inputs(self, ctx: GenerationContext, x: mx.array, t: Union[float, mx.array]) -> mx.array:
+        """(1, N+2, hidden) noise-block inputs: VS marker, latent tokens, VE marker."""
+        body = self.embed_latents(x, t, ctx.shape, ctx.pos_rows)
+        return mx.concatenate([ctx.markers[:1], body, ctx.markers[1:]], axis=0)[None]
+
+    def noise_query(self, ctx: GenerationContext, state: BranchState, h_in: mx.array) -> mx.array:
+        """Final-normed hidden states (1, N+2, hidden) of the noise block attending to the frozen cache."""
+        return self.language_model.model(h_in, rope=state.rope, routing=ctx.routing, cache=state.cache,
+                                         attn="full", update_cache=False)
+
+    def _v(self, h_out: mx.array) -> mx.array:
+        return self.llm2vae(h_out[0, 1:-1]).astype(mx.float32)  # (N, 48)
+
+    def velocity(self, ctx: GenerationContext, x: mx.array, t: Union[float, mx.array],
+                 cfg_scale: float = S.CFG_SCALE, renorm_min: float = S.CFG_RENORM_MIN) -> Velocity:
+        """One step's velocity at latents x (N, 48) and time t: conditional, unconditional (when cfg_scale > 1
+        and the context has an unconditional branch), v_u + s (v_c - v_u), its global renorm, and the result."""
+        h_in = self.noise_inputs(ctx, x, t)
+        v_c = self._v(self.noise_query(ctx, ctx.cond, h_in))
+        if cfg_scale <= 1.0 or ctx.uncond is None:
+            return Velocity(v_c, None, None, None, v_c)
+        v_u = self._v(self.noise_query(ctx, ctx.uncond, h_in))
+        v_cfg = S.cfg_combine(v_c, v_u, cfg_scale)
+        scale = S.renorm_scale(v_c, v_cfg, renorm_min)
+        return Velocity(v_c, v_u, v_cfg, scale, v_cfg * scale)
+
+    def velocity_uncached(self, branch: Branch, x: mx.array, t: Union[float, mx.array]) -> mx.array:
+        """Reference velocity (N, 48): the branch's whole sequence in one forward with the explicit sparse mask
+        of upstream create_sparse_mask (no KV cache)."""
+        parts = [self.embed_split(s) for s in branch.context]
+        parts.append(self.embed_split(branch.noise, x=x, t=t))
+        h = mx.concatenate(parts, axis=1)
+        gen = np.concatenate([s.gen_mask for s in branch.context] + [branch.noise.gen_mask])
+        mask = mx.array(attention_mask(branch.split_lens, branch.attn_modes))
+        out = self.language_model.model(h, branch.kv_position_ids, routing=Routing(gen), attn=mask)
+        c = branch.context_len
+        return self.llm2vae(out[0, c + 1:c + len(branch.noise) - 1]).astype(mx.float32)
+
+    # ------------------------------------------------------------------------------------------------ sample
+    def sample(self, ctx: GenerationContext, noise: mx.array, num_steps: int = S.NUM_STEPS,
+               timestep_shift: float = S.TIMESTEP_SHIFT, cfg_scale: float = S.CFG_SCALE,
+               cfg_interval: Tuple[float, float] = S.CFG_INTERVAL, renorm_min: float = S.CFG_RENORM_MIN,
+               frozen: Optional[np.ndarray] = None, progress: Optional[Callable[[int, int], Any]] = None,
+               ) -> mx.array:
+        """Euler flow-matching from `noise` (N, 48) over the shifted schedule; returns latents (N, 48) float32.
+
+        `frozen` (N,) marks tokens that stay as given, at t = 0, and are not updated (the first frame of i2v);
+        renorm norms still cover every token, as upstream.
+        """
+        ts, dts = S.timesteps(num_steps, timestep_shift)
+        x = noise.astype(mx.float32)
+        fz = None if frozen is None else mx.array(np.asarray(frozen, dtype=bool))
+        for i, (t, dt) in enumerate(zip(ts.tolist(), dts.tolist())):
+            scale = cfg_scale if S.cfg_active(t, cfg_interval) else 1.0
+            tt = t if fz is None else mx.where(fz, 0.0, t)
+            v = self.velocity(ctx, x, tt, scale, renorm_min).v
+            x_new = S.euler_step(x, v, dt)
+            x = x_new if fz is None else mx.where(fz[:, None], x, x_new)
+            mx.eval(x)
+            if progress is not None:
+                progress(i + 1, num_steps)
+        return x
+
+    def _prompt_ids(self, prompt_token_ids, prompt, tokenizer) -> np.ndarray:
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("no prompt: pass prompt_token_ids= (ids of the prompt alone) or prompt= with "
+                                 "tokenizer=")
+            if tokenizer is None:
+                raise ValueError("prompt= needs tokenizer= (or pass prompt_token_ids=)")
+            prompt_token_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = np.asarray(prompt_token_ids.tolist() if isinstance(prompt_token_ids, mx.array) else prompt_token_ids,
+                         dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("the prompt is empty; give a non-empty text prompt")
+        vocab = self.config.llm.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab}); tokenize with the model's tokenizer")
+        return ids
+
+    def _check_length(self, seq: Sequence, n_prompt: int) -> None:
+        # The limit is the position window the text tower was configured for (llm max_position_embeddings,
+        # 128000): template + prompt + latent block must fit in it.
+        limit = self.config.llm.max_position_embeddings
+        if len(seq) > limit:
+            raise ValueError(f"the sequence has {len(seq)} tokens (prompt {n_prompt}) but the context limit is "
+                             f"{limit} (max_position_embeddings); shorten the prompt to at most "
+                             f"{limit - (len(seq) - n_prompt)} tokens or use a smaller latent grid")
+
+    @staticmethod
+    def _latent_shape(latent_shape) -> Tuple[int, int, int]:
+        try:
+            t, h, w = (int(v) for v in latent_shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"latent_shape must be (T, h, w) latents, got {latent_shape!r}") from None
+        return t, h, w
+
+    def initial_noise(self, n: int, seed: int = 42, noise=None, shape=None) -> mx.array:
+        """(n, 48) float32 start latents: `noise` ((n, 48) or (1, T, h, w, 48)) when given, else N(0, 1) from
+        `seed` (MLX's generator; upstream's CUDA noise cannot be reproduced, inject it for parity)."""
+        c = self.config.latent_channels
+        if noise is None:
+            return mx.random.normal((n, c), key=mx.random.key(int(seed)))
+        a = mx.array(noise).astype(mx.float32)
+        if a.size != n * c or a.shape[-1] != c:
+            raise ValueError(f"noise has shape {tuple(a.shape)}; expected ({n}, {c}) or (1, *{tuple(shape)}, {c})")
+        return a.reshape(n, c)  # (t*h*w, 48), raster order t, h, w
+
+    def sample_t2i(self, prompt_token_ids=None, latent_shape=(1, 32, 32), num_steps: int = S.NUM_STEPS,
+                   timestep_shift: float = S.TIMESTEP_SHIFT, cfg_scale: float = S.CFG_SCALE, seed: int = 42,
+                   noise=None, prompt: Optional[str] = None, tokenizer=None,
+                   cfg_interval: Tuple[float, float] = S.CFG_INTERVAL, progress=None, special_token_ids=None,
+                   **ignored) -> mx.array:
+        """Text-to-image latents (1, T, h, w, 48) float32 with upstream's t2i template and KV-cached sampler.
+
+        `prompt_token_ids`: ids of the user prompt alone (add_special_tokens=False); or `prompt` + `tokenizer`.
+        `special_token_ids` is accepted for compatibility and ignored (the template ids are fixed).
+        """
+        ids = self._prompt_ids(prompt_token_ids, prompt, tokenizer)
+        shape = self._latent_shape(latent_shape)
+        self.latent_pos.check(shape)
+        seq = generation_sequence("t2i", ids, shape, tokenizer=tokenizer)
+        self._check_length(seq, len(ids))
+        return self.generate(seq, num_steps, timestep_shift, cfg_scale, seed, noise, cfg_interval,
+                             progress=progress)
+
+    def generate(self, seq: Sequence, num_steps: int = S.NUM_STEPS, timestep_shift: float = S.TIMESTEP_SHIFT,
+                 cfg_scale: float = S.CFG_SCALE, seed: int = 42, noise=None,
+                 cfg_interval: Tuple[float, float] = S.CFG_INTERVAL, frozen: Optional[np.ndarray] = None,
+                 progress=None) -> mx.array:
+        """Latents (1, T, h, w, 48) float32 of the noise split of any generation sequence (t2i, t2v, edit, i2v):
+        prefill the contexts, start from `noise` or seeded N(0, 1) (`noise` rows where `frozen` is set are kept
+        as given), run the sampler."""
+        shape = seq.splits[seq.noise_index].grid
+        self.latent_pos.check(shape)
+        t, h, w = shape
+        x0 = self.initial_noise(t * h * w, seed, noise, shape)
+        ctx = self.prepare_generation(seq, cfg=cfg_scale > 1.0)
+        x = self.sample(ctx, x0, num_steps, timestep_shift, cfg_scale, cfg_interval, frozen=frozen,
+                        progress=progress)
+        return x.reshape(1, t, h, w, self.config.latent_channels)  # (1, T, h, w, 48)
