@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lance_mlx.cli import PhaseTimer, add_generation_args, add_model_args, fail
+from lance_mlx.cli import PhaseTimer, add_generation_args, add_model_args, fail, step_progress
 from lance_mlx.editing import POSTERIOR_SEED
 from lance_mlx.processing import PRESETS
 
@@ -45,7 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm import tqdm
 
     from lance_mlx import Lance
     from lance_mlx.editing import check_instruction, iter_frames
@@ -78,14 +77,7 @@ def main(argv=None) -> int:
     try:
         with timer.phase("load"):
             model = Lance.from_pretrained(args.model, task=task, dtype=args.dtype)
-        bars = []
-
-        def progress(i, n):  # the bar opens at the first step, after any encoding
-            if not bars:
-                bars.append(tqdm(total=n, desc="denoising", unit="step", file=sys.stderr))
-            bars[0].update(i - bars[0].n)
-            if i == n:
-                bars[0].close()
+        progress = step_progress()
 
         kwargs = dict(num_steps=args.steps, cfg_scale=args.cfg, image_cfg_scale=args.cfg_img,
                       timestep_shift=args.timestep_shift, seed=args.seed, preset=preset,

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lance_mlx.cli import (PhaseTimer, add_generation_args, add_model_args, add_size_args, fail, resolve_size)
+from lance_mlx.cli import (PhaseTimer, add_generation_args, add_model_args, add_size_args, fail, resolve_size,
+                           step_progress)
 from lance_mlx.config import LanceConfig, build_lance_config  # noqa: F401  (seed API: importable from here)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -57,7 +58,6 @@ def _check_output(args, is_video: bool) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm import tqdm
 
     from lance_mlx import Lance
     from lance_mlx.editing import iter_frames, latent_frames
@@ -110,14 +110,7 @@ def main(argv=None) -> int:
     try:
         with timer.phase("load"):
             model = Lance.from_pretrained(args.model, task=task, dtype=args.dtype)
-        bars = []
-
-        def progress(i, n):  # the bar opens at the first step, after any encoding
-            if not bars:
-                bars.append(tqdm(total=n, desc="denoising", unit="step", file=sys.stderr))
-            bars[0].update(i - bars[0].n)
-            if i == n:
-                bars[0].close()
+        progress = step_progress()
 
         common = dict(num_steps=args.steps, cfg_scale=args.cfg, timestep_shift=args.timestep_shift, seed=args.seed,
                       progress=progress, decode=False)

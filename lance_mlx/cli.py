@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import mlx.core as mx
 
@@ -101,7 +101,24 @@ class PhaseTimer:
         print(f"[total] {total:.2f} s, peak memory {peak:.2f} GB", file=self.stream)
 
 
-def fail(msg: str) -> "NoReturn":  # noqa: F821
+def step_progress(desc: str = "denoising"):
+    """A `progress(i, n)` callback drawing a tqdm bar on stderr; the bar opens at the first step (after any
+    encoding phase prints) and closes at the last."""
+    from tqdm import tqdm
+
+    bar = []
+
+    def progress(i: int, n: int) -> None:
+        if not bar:
+            bar.append(tqdm(total=n, desc=desc, unit="step", file=sys.stderr))
+        bar[0].update(i - bar[0].n)
+        if i == n:
+            bar[0].close()
+
+    return progress
+
+
+def fail(msg: str) -> NoReturn:
     """Exit with a one-line error (no traceback) for problems the user can fix."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)

@@ -8,7 +8,6 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
 from .torch_checkpoint import CheckpointError, load_torch_checkpoint
