@@ -3,7 +3,6 @@
 import json
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from fixtures import write_golden_lance_folder, write_golden_vit_folder
@@ -113,3 +112,77 @@ def test_offline_without_cache_names_missing_files(tmp_path, monkeypatch):
         W.resolve("bytedance-research/Lance", "t2i")
     msg = str(e.value)
     assert "HF_HUB_OFFLINE" in msg and "Lance_3B/model.safetensors" in msg and "hf download" in msg
+
+
+def _offline_empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    return tmp_path / "hf" / "hub"
+
+
+def test_conversion_from_an_uncached_repo_offline_names_every_file(tmp_path, monkeypatch):
+    _offline_empty_cache(tmp_path, monkeypatch)
+    with pytest.raises(W.WeightsError) as e:
+        W.convert("bytedance-research/Lance", tmp_path / "out", video=True, progress=False)
+    msg = str(e.value)
+    for name in ("Lance_3B_Video/model.safetensors", "Qwen2.5-VL-ViT/vit.safetensors", "Wan2.2_VAE.pth",
+                 "HF_HUB_OFFLINE"):
+        assert name in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_single_folder_repo_offline_names_its_files(tmp_path, monkeypatch):
+    _offline_empty_cache(tmp_path, monkeypatch)
+    with pytest.raises(W.WeightsError) as e:
+        W.resolve("someone/Lance-3B-MLX", "t2i")
+    msg = str(e.value)
+    assert "config.json" in msg and "model*.safetensors" in msg and "vae.safetensors" in msg
+
+
+def test_offline_conversion_from_the_cache(tmp_path, monkeypatch):
+    """A repo id served from a populated HF cache with HF_HUB_OFFLINE=1 (as after one online run)."""
+    tiny = pytest.importorskip("tiny_checkpoints")
+    cache = _offline_empty_cache(tmp_path, monkeypatch)
+    repo = cache / "models--bytedance-research--Lance"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    tiny.write_tiny_upstream_root(repo / "snapshots" / commit)
+    out = W.convert("bytedance-research/Lance", tmp_path / "out", dtype="float32", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["mlx_layout"] and cfg["conversion"]["source"] == "bytedance-research/Lance"
+
+
+def test_other_port_without_tokenizer(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    mx.save_safetensors(str(tmp_path / "model.safetensors"),
+                        {"layers.0.mlp.gate_proj.weight": mx.zeros((2, 2)), "embed_tokens.weight": mx.zeros((2, 2))})
+    with pytest.raises(W.WeightsError, match="no tokenizer files"):
+        W.locate(tmp_path, "t2i")
+
+
+def test_key_styles_map_to_upstream_names():
+    stripped = {"embed_tokens.weight": 1, "layers.3.self_attn.q_proj_moe_gen.scales": 2, "norm_moe_gen.weight": 3,
+                "lm_head.weight": 4, "vae_in_proj.vae2llm.bias": 5, "time_embedder.proj_out.weight": 6,
+                "llm2vae.llm2vae.weight": 7, "llm2vae.bias": 8, "latent_pos_embed.pos_embed": 9}
+    assert W.llm_key_style(stripped) == "stripped"
+    assert W.normalize_llm_keys(stripped, "stripped") == {
+        "language_model.model.embed_tokens.weight": 1,
+        "language_model.model.layers.3.self_attn.q_proj_moe_gen.scales": 2,
+        "language_model.model.norm_moe_gen.weight": 3, "language_model.lm_head.weight": 4, "vae2llm.bias": 5,
+        "time_embedder.mlp.2.weight": 6, "llm2vae.weight": 7, "llm2vae.bias": 8, "latent_pos_embed.pos_embed": 9}
+    assert W.llm_key_style(["language_model.model.layers.0.mlp.up_proj.weight"]) == "upstream"
+    assert W.llm_key_style(["transformer.h.0.weight"]) is None
+    assert W.normalize_vae_keys({"encoder.conv1.conv.weight": 1, "encoder.head.0.gamma": 2}) == {
+        "encoder.conv1.weight": 1, "encoder.head.0.gamma": 2}
+    assert W.normalize_vae_keys({"decoder.upsamples.0.upsamples.0.residual.layer_2.weight": 1,
+                                 "decoder.middle.1.to_qkv_weight": 2, "decoder.middle.1.proj_bias": 3,
+                                 "decoder.upsamples.1.upsamples.3.resample_weight": 4,
+                                 "decoder.upsamples.1.upsamples.3.time_conv.bias": 5}) == {
+        "decoder.upsamples.0.upsamples.0.residual.2.weight": 1, "decoder.middle.1.to_qkv.weight": 2,
+        "decoder.middle.1.proj.bias": 3, "decoder.upsamples.1.upsamples.3.resample.1.weight": 4,
+        "decoder.upsamples.1.upsamples.3.time_conv.bias": 5}

@@ -1,0 +1,126 @@
+"""Quantization of the LLM linears: which modules, option checks, weight-driven structure, error vs float32."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from lance_mlx import sequence as Q
+from lance_mlx import weights as W
+from tiny_checkpoints import tiny_lance
+
+PROMPT_IDS = [32, 8251, 9982, 264, 22361]
+
+
+def quantized_paths(model):
+    return {p for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+
+
+def outputs(model):
+    ctx = model.prepare_generation(Q.generation_sequence("t2i", PROMPT_IDS, (1, 2, 3)), cfg=True)
+    v = model.velocity(ctx, mx.random.normal((6, 48), key=mx.random.key(0)), 0.7, cfg_scale=4.0).v
+    logits = model.language_model(mx.array([PROMPT_IDS]))
+    return np.array(v), np.array(logits.astype(mx.float32))
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return outputs(tiny_lance(components=False))
+
+
+@pytest.mark.parametrize("experts", ["all", "und", "gen"])
+def test_only_the_selected_expert_linears(experts):
+    model = tiny_lance(components=False)
+    W.quantize_lance(model, {"bits": 4, "group_size": 32, "experts": experts})
+    got = quantized_paths(model)
+    layers = model.config.llm.num_hidden_layers
+    und = {f"language_model.model.layers.{i}.{n}" for i in range(layers)
+           for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    gen = {p.replace("_proj", "_proj_moe_gen") if "self_attn" in p else p.replace(".mlp.", ".mlp_moe_gen.")
+           for p in und}
+    assert got == {"all": und | gen, "und": und, "gen": gen}[experts]
+    # never: embeddings, lm_head, norms, the latent adapters
+    for p, m in model.named_modules():
+        if not p.startswith("language_model.model.layers.") or "norm" in p:
+            assert p not in got
+
+
+def test_group_size_that_does_not_divide_leaves_the_linear_alone():
+    model = tiny_lance(components=False)  # hidden 64, intermediate 128
+    W.quantize_lance(model, {"bits": 8, "group_size": 128, "experts": "und"})
+    got = quantized_paths(model)
+    assert got == {f"language_model.model.layers.{i}.mlp.down_proj" for i in range(3)}
+
+
+@pytest.mark.parametrize("q,match", [
+    ({"bits": 3}, "bit width 3: use 4 or 8"),
+    ({"bits": 16}, "bit width 16"),
+    ({"bits": 4, "group_size": 100}, "group size 100"),
+    ({"bits": 4, "experts": "vision"}, "unknown expert selection 'vision'"),
+])
+def test_bad_options(q, match):
+    with pytest.raises(ValueError, match=match):
+        W.check_quantization(q)
+    with pytest.raises(ValueError, match=match):
+        W.quantize_lance(tiny_lance(components=False), q)
+    assert W.check_quantization(None) is None
+    assert W.check_quantization({"bits": 8}) == {"bits": 8, "group_size": 64, "experts": "all"}
+
+
+def test_structure_follows_the_weights_when_given():
+    model = tiny_lance(components=False)
+    key = "language_model.model.layers.1.mlp_moe_gen.up_proj"
+    weights = {f"{key}.scales": None, f"{key}.biases": None, f"{key}.weight": None}
+    W.quantize_lance(model, {"bits": 8, "group_size": 32, "experts": "und"}, weights=weights)  # the file wins
+    assert quantized_paths(model) == {key}
+
+
+def test_warning_only_for_the_generation_expert():
+    assert "generation expert" in W.quantization_warning("all")
+    assert "generation expert" in W.quantization_warning("gen")
+    assert W.quantization_warning("und") is None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("experts", ["all", "und", "gen"])
+def test_error_against_float32(reference, bits, experts):
+    model = tiny_lance(components=False)
+    full = W.weight_bytes(model)
+    W.quantize_lance(model, {"bits": bits, "group_size": 32, "experts": experts})
+    assert W.weight_bytes(model) < full
+    v, logits = outputs(model)
+    v_ref, logits_ref = reference
+    assert np.isfinite(v).all() and np.isfinite(logits).all()
+    # Loose bounds on random tiny weights (indicative only; docs/checkpoints.md has the full-size numbers).
+    assert rel(v, v_ref) < {4: 0.5, 8: 0.1}[bits]
+    if experts == "gen":  # text logits use only the understanding expert
+        np.testing.assert_array_equal(logits, logits_ref)
+    else:
+        assert rel(logits, logits_ref) < {4: 0.5, 8: 0.1}[bits]
+
+
+def test_dequantized_weights_give_the_quantized_outputs():
+    """bench/quantize.py measures errors with dequantized weights (MLX's CPU quantized matmul is slow); that is
+    the same computation as the quantized layers, up to float32 rounding."""
+    model = tiny_lance(components=False)
+    W.quantize_lance(model, {"bits": 4, "group_size": 32, "experts": "all"})
+    v, logits = outputs(model)
+    for path, m in list(model.named_modules()):
+        if isinstance(m, nn.QuantizedLinear):
+            lin = nn.Linear(m.weight.shape[1] * 32 // m.bits, m.weight.shape[0], bias="bias" in m)
+            lin.weight = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+            if "bias" in m:
+                lin.bias = m.bias
+            parent, name = path.rsplit(".", 1)
+            target = model
+            for part in parent.split("."):
+                target = target[int(part)] if isinstance(target, list) else getattr(target, part)
+            setattr(target, name, lin)
+    assert not quantized_paths(model)
+    v2, logits2 = outputs(model)
+    assert rel(v2, v) < 1e-5 and rel(logits2, logits) < 1e-5
