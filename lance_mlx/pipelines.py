@@ -64,19 +64,21 @@ class LancePipelines:
     @classmethod
     def from_pretrained(cls, path_or_repo: Union[str, Path] = W.UPSTREAM_REPO, task: str = "t2i",
                         dtype: Union[str, mx.Dtype] = "bfloat16", vae_dtype: Union[str, mx.Dtype, None] = None,
-                        lazy: bool = False):
+                        lazy: bool = False, rope_bf16: Optional[bool] = None):
         """Load a model folder (upstream hub layout, one of its checkpoint folders, a convert.py folder, or another
         MLX port's folder; docs/checkpoints.md) or a hub repo id, with the components `task` needs (t2i, t2v, i2v,
         image_edit, video_edit, x2t_image, x2t_video). `dtype` is the compute dtype of the LLM and ViT (quantized
         folders keep their quantized linears); the VAE uses `vae_dtype` (default: the same) and the
         configuration its own weights imply. Weights are memory-mapped and cast lazily, so peak memory stays
-        near the size of the result.
+        near the size of the result. `rope_bf16` rounds the LLM's RoPE frequencies to bfloat16 as upstream's
+        bf16-cast buffer does (default: when `dtype` is bfloat16, so a bf16 run reproduces upstream's angles).
         """
         dt = W.parse_dtype(dtype)
         vae_dt = W.parse_dtype(vae_dtype) if vae_dtype is not None else dt
         files = W.resolve(path_or_repo, task)
         config = load_config(files)
         model = cls(config)
+        model.language_model.model.rope_bf16_inv_freq = (dt == mx.bfloat16) if rope_bf16 is None else rope_bf16
         weights = W.load_llm_weights(files, dtype=dt)
         bundled_vit = {k: v for k, v in weights.items() if k.startswith("vit_model.")}
         weights = model.sanitize(weights)
