@@ -168,6 +168,15 @@ class Lance(LancePipelines, nn.Module):
         return {k: v for k, v in weights.items()
                 if k != "latent_pos_embed.pos_embed" and not k.startswith("vit_model.")}
 
+    def load_weights(self, file_or_weights, strict: bool = True):
+        """`nn.Module.load_weights` after `sanitize`, so a raw upstream `model.safetensors` (whose stored
+        position table and bundled ViT are not parameters here) loads strictly as is."""
+        if not isinstance(file_or_weights, str):
+            file_or_weights = list(self.sanitize(dict(file_or_weights)).items())
+        else:
+            file_or_weights = list(self.sanitize(mx.load(file_or_weights)).items())
+        return super().load_weights(file_or_weights, strict=strict)
+
     @property
     def dtype(self) -> mx.Dtype:
         return self.vae2llm.weight.dtype

@@ -56,3 +56,23 @@ def test_empty_prompt(root):
     m = Lance.from_pretrained(root, task="t2i", dtype="float32")
     with pytest.raises(ValueError, match="prompt is empty"):
         m.generate_image("   ", width=32, height=32)
+
+
+def test_seed_api_strict_load_of_a_raw_upstream_file(tmp_path):
+    """The seed's hand-wired loading: Lance(build_lance_config(json)) + load_weights(mx.load(...), strict=True)."""
+    import json
+
+    from fixtures import write_golden_lance_folder
+    from lance_mlx import build_lance_config
+
+    folder = write_golden_lance_folder(tmp_path / "Lance_3B")
+    model = Lance(build_lance_config(json.loads((folder / "llm_config.json").read_text())))
+    raw = mx.load(str(folder / "model.safetensors"))
+    assert "latent_pos_embed.pos_embed" in raw  # stored upstream, rebuilt here
+    model.load_weights(list(raw.items()), strict=True)
+    model.load_weights(str(folder / "model.safetensors"), strict=True)
+    assert mx.array_equal(model.vae2llm.weight, raw["vae2llm.weight"])
+    latent = model.sample_t2i(prompt_token_ids=mx.array([32, 8251], dtype=mx.int32), latent_shape=(1, 2, 2),
+                              num_steps=1, seed=0,
+                              special_token_ids={"bos": 151644, "eos": 151645, "image_token_id": 151655})
+    assert latent.shape == (1, 1, 2, 2, 48)
