@@ -15,8 +15,8 @@ from lance_mlx import Lance
 from lance_mlx import sequence as Q
 from lance_mlx import weights as W
 
-torch = pytest.importorskip("torch")
-tiny = pytest.importorskip("tiny_checkpoints")
+import torch
+import tiny_checkpoints as tiny
 
 PROMPT_IDS = [32, 8251, 9982, 264, 22361]
 GRID = (1, 2, 3)

@@ -13,7 +13,6 @@ from lance_mlx.media import read_video, save_image, save_video
 from tiny_checkpoints import write_tiny_upstream_root
 
 ROOT = Path(__file__).resolve().parent.parent
-pytest.importorskip("torch")  # the tiny Wan2.2_VAE.pth is written with the official code
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from lance_mlx.config import LanceConfig
 from lance_mlx.pipelines import check_image_size
 from tiny_checkpoints import write_tiny_upstream_root
 
-pytest.importorskip("torch")  # the tiny Wan2.2_VAE.pth is written with the official code
 
 
 @pytest.fixture(scope="module")

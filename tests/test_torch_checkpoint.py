@@ -11,7 +11,7 @@ import pytest
 
 from lance_mlx.torch_checkpoint import CheckpointError, UnsafeCheckpointError, load_torch_checkpoint
 
-torch = pytest.importorskip("torch")
+import torch
 
 
 def _write_archive(path, pickled: bytes, records=None):

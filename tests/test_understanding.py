@@ -49,7 +49,7 @@ def _vit_weights():
 
 @pytest.fixture(scope="module")
 def tok():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(str(GOLDEN / "tokenizer"))
 
 
@@ -127,7 +127,7 @@ def test_video_positions_and_caption_prompt(tok):
 # ------------------------------------------------------------------------------------- transformers parity
 @pytest.fixture(scope="module")
 def hf_model():
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     d = json.loads((GOLDEN / "llm_config.json").read_text())

@@ -16,7 +16,7 @@ from vae_reference import (
     RELEASE, SMALL, load_reference_module, random_reference_vae, reference_encode, rel_err, to_channels_last,
 )
 
-torch = pytest.importorskip("torch")
+import torch
 
 # Parity tolerance: max-abs-diff / max-abs-reference (float32 on both sides; observed ~1e-6).
 TOL = 1e-4
