@@ -8,9 +8,9 @@ from pathlib import Path
 
 from lance_mlx.cli import PhaseTimer, add_generation_args, add_model_args, fail, step_progress
 from lance_mlx.editing import POSTERIOR_SEED
+from lance_mlx.media import IMAGE_SUFFIXES
 from lance_mlx.processing import PRESETS
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_OUT_SUFFIXES = (".mp4", ".mov", ".mkv", ".gif", "")
 OUTPUT_FPS = 12  # upstream saves generated videos at 12 fps (inference_lance.py `save_fps`)
 
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     from lance_mlx import Lance
-    from lance_mlx.editing import check_instruction, iter_frames
-    from lance_mlx.media import read_video, save_image, save_video
+    from lance_mlx.editing import check_instruction
+    from lance_mlx.media import read_video
     from lance_mlx.processing import load_image, sample_frame_indices
 
     is_video = args.video is not None
@@ -94,10 +94,7 @@ def main(argv=None) -> int:
                 "posterior": "mean" if args.posterior_mean else f"sample (seed {args.posterior_seed})",
                 "model": args.model, "dtype": args.dtype, "software": "lance-mlx"}
         with timer.phase("decode + write"):
-            if is_video:
-                save_video(iter_frames(model.vae, latent), args.out, fps=args.fps, metadata=meta)
-            else:
-                save_image(model.decode_image(latent), args.out, meta)
+            model.save_latents(latent, args.out, fps=args.fps, metadata=meta)
     except ValueError as e:  # bad input or weights: say what is wrong and how to fix it, no traceback
         fail(str(e))
 

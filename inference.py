@@ -9,8 +9,8 @@ from pathlib import Path
 from lance_mlx.cli import (PhaseTimer, add_generation_args, add_model_args, add_size_args, fail, resolve_size,
                            step_progress)
 from lance_mlx.config import LanceConfig, build_lance_config  # noqa: F401  (seed API: importable from here)
+from lance_mlx.media import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".gif", "")
 # Size presets when --width/--height are not given: t2i 1:1 at 768² (upstream README), video the video_480p
 # 16:9 bucket 848x480 (the README's t2v size).
@@ -60,8 +60,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     from lance_mlx import Lance
-    from lance_mlx.editing import iter_frames, latent_frames
-    from lance_mlx.media import save_image, save_video
+    from lance_mlx.editing import latent_frames
     from lance_mlx.pipelines import check_image_size
     from lance_mlx.processing import Preset, load_image
 
@@ -132,10 +131,7 @@ def main(argv=None) -> int:
             meta.update(image=str(args.image), resolution=preset.vae_resolution,
                         posterior="mean" if args.posterior_mean else f"sample (seed {args.posterior_seed})")
         with timer.phase("decode + write"):
-            if is_video:
-                save_video(iter_frames(model.vae, latent), args.out, fps=args.fps, metadata=meta)
-            else:
-                save_image(model.decode_image(latent), args.out, meta)
+            model.save_latents(latent, args.out, fps=args.fps, metadata=meta)
     except ValueError as e:  # bad input or weights: say what is wrong and how to fix it, no traceback
         fail(str(e))
 

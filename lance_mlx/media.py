@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from PIL import Image
 
 from . import weights as W
 from .config import LanceConfig, ViTConfig
-from .media import to_uint8
+from .media import IMAGE_SUFFIXES, to_uint8
 
 ProgressFn = Callable[[int, int], Any]
 
@@ -133,6 +133,17 @@ class LancePipelines:
 
     def decode_image(self, latent: mx.array) -> Image.Image:
         return Image.fromarray(self.decode_latents(latent)[0])
+
+    def save_latents(self, latent: mx.array, path, fps: float = 12.0, metadata: Optional[Dict[str, Any]] = None):
+        """Decode (1, t, h, w, 48) latents and write them atomically: an image file for one frame, else a video
+        (.mp4 / .gif / suffix-less PNG-frame folder) written frame by frame as the VAE decodes."""
+        from .editing import iter_frames
+        from .media import save_image, save_video
+
+        if latent.shape[1] == 1 and Path(path).suffix.lower() in IMAGE_SUFFIXES:
+            return save_image(self.decode_image(latent), path, metadata)
+        self._require("vae")
+        return save_video(iter_frames(self.vae, latent), path, fps=fps, metadata=metadata)
 
     def understand(self, image_or_video, question: Optional[str] = None, max_tokens: int = 256,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stream: bool = False,
