@@ -403,10 +403,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-def _hub_error(repo_id: str, task: str, patterns: List[str]) -> WeightsError:
+def _hub_error(repo_id: str, patterns: List[str]) -> WeightsError:
     why = "HF_HUB_OFFLINE is set and they are not in the cache" if _offline() else "the hub cannot be reached"
     return WeightsError(
-        f"cannot get {repo_id} files {patterns} for task {task}: {why}. Download them once with network "
+        f"cannot get {repo_id} files {patterns}: {why}. Download them once with network "
         f"access (hf download {repo_id} " + " ".join(f"--include '{p}'" for p in patterns)
         + "), or pass --model with a local folder.")
 
@@ -424,14 +424,14 @@ def download(repo_id: str, subfolder: Optional[str], task: str) -> Path:
             cfg = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
             converted = bool(cfg.get("mlx_layout")) or "llm" in cfg or "hidden_size" in cfg or "text_config" in cfg
         except LocalEntryNotFoundError:
-            raise _hub_error(repo_id, task, hub_patterns(repo_id, None, task, True)) from None
+            raise _hub_error(repo_id, hub_patterns(repo_id, None, task, True)) from None
         except (EntryNotFoundError, json.JSONDecodeError, AttributeError):
             converted = False
     patterns = hub_patterns(repo_id, subfolder, task, converted)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except LocalEntryNotFoundError:
-        raise _hub_error(repo_id, task, patterns) from None
+        raise _hub_error(repo_id, patterns) from None
 
 
 # --------------------------------------------------------------------------------------------------------------
