@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lance_mlx.cli import PhaseTimer, add_generation_args, add_model_args, fail, step_progress
-from lance_mlx.editing import POSTERIOR_SEED
+from lance_mlx.cli import PhaseTimer, add_generation_args, add_model_args, add_posterior_args, fail, step_progress
 from lance_mlx.media import IMAGE_SUFFIXES
 from lance_mlx.processing import PRESETS
 
@@ -34,11 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cfg-img", type=float, default=1.0,
                    help="image guidance scale; 1.0 (default) is off, exactly as upstream; above 1 enables our "
                         "three-component guidance (an extension, see docs/editing.md)")
-    g.add_argument("--posterior-seed", type=int, default=POSTERIOR_SEED,
-                   help=f"seed of the VAE posterior sample of the source (default {POSTERIOR_SEED}, upstream's "
-                        "global seed)")
-    g.add_argument("--posterior-mean", action="store_true",
-                   help="condition on the VAE posterior mean instead of a sample (deterministic; upstream samples)")
+    add_posterior_args(g, "the source")
     add_model_args(p)
     return p.parse_args(argv)
 

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lance_mlx.cli import (PhaseTimer, add_generation_args, add_model_args, add_size_args, fail, resolve_size,
-                           step_progress)
+from lance_mlx.cli import (PhaseTimer, add_generation_args, add_model_args, add_posterior_args, add_size_args, fail,
+                           resolve_size, step_progress)
 from lance_mlx.config import LanceConfig, build_lance_config  # noqa: F401  (seed API: importable from here)
 from lance_mlx.media import IMAGE_SUFFIXES
 
@@ -19,8 +19,6 @@ VIDEO_ASPECT, VIDEO_RESOLUTION = "16:9", 640
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from lance_mlx.editing import POSTERIOR_SEED
-
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--prompt", required=True, help="what to generate")
     p.add_argument("--out", required=True, type=Path,
@@ -37,11 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     v.add_argument("--image", type=Path,
                    help="first frame: image-to-video; the video takes the image's size bucketed to about "
                         f"RESOLUTION² pixels (default {VIDEO_RESOLUTION}, upstream's video_480p)")
-    v.add_argument("--posterior-seed", type=int, default=POSTERIOR_SEED,
-                   help=f"seed of the first frame's pixel noise and VAE posterior sample (default {POSTERIOR_SEED}, "
-                        "upstream's global seed)")
-    v.add_argument("--posterior-mean", action="store_true",
-                   help="encode the first frame with the VAE posterior mean instead of a sample")
+    add_posterior_args(v, "the first frame (also seeds its pixel noise)")
     add_generation_args(p)
     add_model_args(p)
     return p.parse_args(argv)

@@ -21,6 +21,7 @@ from lance_mlx import sampler as S  # noqa: E402
 from lance_mlx import sequence as Q  # noqa: E402
 from lance_mlx.lance import Lance, LanceConfig  # noqa: E402
 from lance_mlx.processing import PRESETS  # noqa: E402
+from t2i import layer_bytes, timed  # noqa: E402  (bench/t2i.py: same per-layer timing)
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # Any ids of these lengths behave the same: an 11-token prompt and a 7-token instruction.
@@ -38,24 +39,6 @@ def build(layers: int, dtype) -> Lance:
     for _, p in tree_flatten(m.parameters()):
         mx.eval(p)
     return m
-
-
-def layer_bytes(m: Lance) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(m.language_model.model.layers[0].parameters()))
-
-
-def timed(step, warmup: int, steps: int):
-    """(min wall, mean CPU) seconds of the timed steps. On a shared machine the wall time grows with other load;
-    the CPU time of this process (all its threads) does not."""
-    for _ in range(warmup):
-        step()
-    wall, cpu = [], []
-    for _ in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return min(wall), sum(cpu) / len(cpu)
 
 
 def edit_sequence(m, size: int, rng) -> Q.Sequence:
@@ -105,7 +88,7 @@ def bench_case(m, task: str, seq: Q.Sequence, warmup: int, steps: int, modes, im
             mx.eval(state["x"])
 
         mx.reset_peak_memory()  # the peak then counts the KV caches already held, plus the step's working set
-        sec, cpu = timed(recompute if mode == "recompute" else cached, warmup, steps)
+        sec, _, cpu = timed(recompute if mode == "recompute" else cached, warmup, steps)
         rows.append(dict(task=task, shape=shape, tokens=n, ctx=seq.branch(()).context_len, mode=mode, sec=sec,
                          cpu=cpu, peak=mx.get_peak_memory(), prefill=pre))
         mx.clear_cache()

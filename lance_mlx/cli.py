@@ -45,6 +45,17 @@ def add_generation_args(p: argparse.ArgumentParser, cfg_flags=("--cfg", "--cfg-t
     add_seed_arg(g)
 
 
+def add_posterior_args(g, what: str) -> None:
+    """How a VAE-encoded conditioning input (`what`) is drawn: upstream samples the posterior with its global seed."""
+    from .editing import POSTERIOR_SEED
+
+    g.add_argument("--posterior-seed", type=int, default=POSTERIOR_SEED,
+                   help=f"seed of the VAE posterior sample of {what} (default {POSTERIOR_SEED}, upstream's global seed)")
+    g.add_argument("--posterior-mean", action="store_true",
+                   help=f"encode {what} with the VAE posterior mean instead of a sample (deterministic; upstream "
+                        "samples)")
+
+
 def add_size_args(p: argparse.ArgumentParser, default_resolution: int = 768) -> None:
     g = p.add_argument_group("size")
     g.add_argument("--width", type=int, help="output width in pixels (multiple of 16, at most 1024)")
