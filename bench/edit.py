@@ -5,23 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from t2i import layer_bytes, timed  # noqa: E402  (bench/t2i.py: same per-layer timing)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lance_mlx import editing as E  # noqa: E402
+from lance_mlx import conditioning as C  # noqa: E402
 from lance_mlx import sampler as S  # noqa: E402
 from lance_mlx import sequence as Q  # noqa: E402
+from lance_mlx import tasks as T  # noqa: E402
 from lance_mlx.lance import Lance, LanceConfig  # noqa: E402
 from lance_mlx.processing import PRESETS  # noqa: E402
-from t2i import layer_bytes, timed  # noqa: E402  (bench/t2i.py: same per-layer timing)
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # Any ids of these lengths behave the same: an 11-token prompt and a 7-token instruction.
@@ -49,7 +46,7 @@ def edit_sequence(m, size: int, rng) -> Q.Sequence:
     hidden = m.config.llm.hidden_size
     emb = mx.array(rng.standard_normal((g * g, hidden)).astype(np.float32)).astype(m.dtype)
     cond = mx.array(rng.standard_normal((1, 1, size // 16, size // 16, 48)).astype(np.float32))
-    return E.build_edit_sequence(INSTRUCTION_IDS, emb, (1, g, g), cond, "image")
+    return C.EditInputs(emb, (1, g, g), cond).sequence(INSTRUCTION_IDS, "image")
 
 
 def bench_case(m, task: str, seq: Q.Sequence, warmup: int, steps: int, modes, image_cfg: float):
@@ -69,13 +66,13 @@ def bench_case(m, task: str, seq: Q.Sequence, warmup: int, steps: int, modes, im
         pre = None
         if mode != "recompute":
             t0 = time.perf_counter()
-            vision = E.branch_state(m, seq.branch(E.TEXT_AND_VISION)) if s_img > 1.0 else None
+            vision = m._branch_state(seq.branch(Q.TEXT_AND_VISION)) if s_img > 1.0 else None
             pre = prefill + time.perf_counter() - t0
-            ectx = E.EditContext(gen, vision)
+            ctx = replace(gen, vision=vision)
         state = {"x": x0}
 
         def cached():
-            v = E.guided_velocity(m, ectx, state["x"], t_step, 4.0, s_img).v
+            v = m.velocity(ctx, state["x"], t_step, 4.0, s_img).v
             state["x"] = S.euler_step(state["x"], v, 0.01)
             mx.eval(state["x"])
 
@@ -138,7 +135,7 @@ def main(argv=None):
     cases = [(f"edit {s}²", edit_sequence(m, int(s), rng)) for s in args.sizes.split(",") if s]
     if args.t2v:
         size, frames = (int(v) for v in args.t2v.split("x"))
-        t = E.latent_frames(frames, m.config.max_latent_frames)
+        t = T.latent_frames(frames)
         cases.append((f"t2v {size}²×{frames}", Q.generation_sequence("t2v", PROMPT_IDS, (t, size // 16, size // 16))))
     for task, seq in cases:
         modes = [md for md in args.modes.split(",") if md and not (task.startswith("t2v") and "image" in md)]

@@ -1,4 +1,4 @@
-"""Load time and peak memory of Lance.from_pretrained at the full-size config: upstream F32 vs converted bf16 vs 4-bit."""
+"""Load time and peak memory of `loading.load_components` at the full-size config: upstream F32 vs bf16 vs 4-bit."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 GOLDEN_TOKENIZER = ROOT / "tests" / "golden" / "tokenizer"
 
@@ -82,6 +81,7 @@ def write_upstream(root: Path, layers: int) -> None:
 
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
+
     from vae_reference import RELEASE, load_reference_module
 
     torch.manual_seed(0)
@@ -104,8 +104,9 @@ def child(kind: str, args: list) -> dict:
     """Runs in a fresh process so that each peak is its own."""
     import mlx.core as mx
 
-    from lance_mlx import Lance
-    from lance_mlx import weights as W
+    from lance_mlx import checkpoints, loading
+    from lance_mlx.conversion import ConversionOptions, convert
+    from lance_mlx.quantize import weight_bytes
 
     base = peak_rss()
     t0 = time.perf_counter()
@@ -113,12 +114,11 @@ def child(kind: str, args: list) -> dict:
         write_upstream(Path(args[0]), int(args[1]))
         return {}
     if kind == "load":
-        model = Lance.from_pretrained(args[0], task="t2i", dtype="bfloat16")
-        out = {"llm_bytes": W.weight_bytes(model), "vae_bytes": W.weight_bytes(model.vae.model)}
+        c = loading.load_components(checkpoints.resolve(args[0], "t2i"), "t2i", dtype="bfloat16")
+        out = {"llm_bytes": weight_bytes(c.model), "vae_bytes": weight_bytes(c.vae.model)}
     else:
         quant = int(args[2]) if args[2] != "none" else None
-        W.convert(args[0], args[1], quantize=quant, progress=False,
-                  log=lambda m: None)
+        convert(args[0], args[1], options=ConversionOptions(quantize=quant), progress=False, log=lambda m: None)
         out = {"disk_bytes": sum(f.stat().st_size for f in Path(args[1]).iterdir())}
     out.update(seconds=time.perf_counter() - t0, mlx_peak=mx.get_peak_memory(),
                max_rss=peak_rss(), base_rss=base)
@@ -126,7 +126,7 @@ def child(kind: str, args: list) -> dict:
 
 
 def run_child(*args) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, __file__, "--child", *args], check=False, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{args} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -171,8 +171,9 @@ def main(argv=None) -> int:
     print(f"\n{platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} ({mx.default_device()}), "
           f"BLAS preload: {os.environ.get('LD_PRELOAD', 'none')}; full-width Lance with {args.layers} of 36 decoder "
           f"layers, random weights; upstream folder {gb(up_bytes)} GB written in {write_s:.0f} s. Each row is a "
-          "fresh process; `Lance.from_pretrained(folder, task='t2i', dtype='bfloat16')` loads the LLM, tokenizer "
-          "and VAE (bf16). Files were just written, so some of them may still be in the page cache.\n")
+          "fresh process; `loading.load_components(checkpoints.resolve(folder, 't2i'), 't2i', dtype='bfloat16')` "
+          "loads the LLM, tokenizer and VAE (bf16). Files were just written, so some of them may still be in the "
+          "page cache.\n")
     print("| folder | on disk | convert time (peak RSS) | load time | peak RSS (process) | MLX peak | weights "
           "in memory (LLM + VAE) |")
     print("|---|---|---|---|---|---|---|")

@@ -13,17 +13,14 @@ import platform
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lance_mlx import sequence as Q  # noqa: E402
-from lance_mlx import weights as W  # noqa: E402
-from lance_mlx.lance import Lance, LanceConfig  # noqa: E402
+from lance_mlx import quantize as Qz
+from lance_mlx import sequence as Q
+from lance_mlx.lance import Lance, LanceConfig
 
 # "A cat holds a poster with rainbow text "STOP"" in the Qwen2.5 vocabulary
 PROMPT_IDS = [32, 8251, 9982, 264, 22361, 448, 47613, 1467, 330, 50669, 1]
@@ -55,13 +52,13 @@ def llm_bytes(cfg: LanceConfig, q=None) -> int:
     m = Lance(cfg)
     m.set_dtype(mx.bfloat16)
     if q:
-        W.quantize_lance(m, q)
-    return W.weight_bytes(m)
+        Qz.quantize_lance(m, q)
+    return Qz.weight_bytes(m)
 
 
 def dequantized(model: Lance) -> Lance:
     """The model with every quantized linear replaced by a float32 Linear holding its dequantized weight."""
-    import mlx.nn as nn
+    from mlx import nn
 
     for path, m in list(model.named_modules()):
         if isinstance(m, nn.QuantizedLinear):
@@ -110,7 +107,7 @@ def main(argv=None) -> int:
         q = {"bits": bits, "group_size": args.group_size, "experts": experts}
         m = Lance(model.config)
         m.update(bf16_params)  # shares the bf16 arrays; quantization makes new ones
-        W.quantize_lance(m, q)
+        Qz.quantize_lance(m, q)
         m = dequantized(m)
         m.set_dtype(mx.float32)
         vq, lq = outputs(m, grid)
@@ -120,7 +117,8 @@ def main(argv=None) -> int:
 
     print(f"\n{platform.machine()}, MLX {mx.__version__}, device {mx.default_device()}, "
           f"BLAS preload: {os.environ.get('LD_PRELOAD', 'none')}; full-width Lance (hidden 2048, 16 heads) with "
-          f"{args.layers} of 36 decoder layers, random weights, float32 activations; t2i velocity at a {args.size}x{args.size} latent grid "
+          f"{args.layers} of 36 decoder layers, random weights, float32 activations; t2i velocity at a "
+          f"{args.size}x{args.size} latent grid "
           f"(CFG 4, t = 0.7), logits of 64 text tokens; group size {args.group_size}; "
           f"{time.perf_counter() - t0:.0f} s\n")
     print("| weights | experts quantized | velocity rel. error vs bf16 | logits rel. error vs bf16 | "

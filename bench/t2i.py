@@ -5,15 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lance_mlx import sampler as S  # noqa: E402
 from lance_mlx import sequence as Q  # noqa: E402

@@ -6,15 +6,11 @@ import argparse
 import importlib.util
 import os
 import platform
-import sys
 import threading
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lance_mlx.vae_wan22 import LATENTS_MEAN, LATENTS_STD, Wan2_2_VAE, sanitize_vae_weights  # noqa: E402
 

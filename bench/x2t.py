@@ -15,8 +15,6 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from lance_mlx import understanding as U  # noqa: E402
 from lance_mlx.config import LanceConfig, ViTConfig  # noqa: E402
 from lance_mlx.lance import Lance  # noqa: E402

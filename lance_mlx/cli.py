@@ -1,25 +1,25 @@
-"""Argument groups and reporting shared by the command-line scripts (inference.py, edit.py, caption.py, convert.py)."""
+"""Argument groups, error handling and reporting shared by the command-line scripts."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+import traceback
 from contextlib import contextmanager
-from typing import Iterator, NoReturn
+from pathlib import Path
+from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
 import mlx.core as mx
 
-from .weights import DTYPES, UPSTREAM_REPO
+from .checkpoints import UPSTREAM_REPO
+from .config import DEFAULT_SAMPLING, POSTERIOR_SEED, SAMPLERS, SamplingParams
+from .errors import InvalidRequestError, LanceError
+from .loading import DTYPES
+from .processing import ASPECT_RATIOS, bucket_table
 
-# Upstream defaults (inference_lance.sh): 30 steps, shift 3.5, text CFG 4.0, seed 42.
-DEFAULT_STEPS = 30
-DEFAULT_SHIFT = 3.5
-DEFAULT_CFG = 4.0
-DEFAULT_SEED = 42
-
-# Aspect-ratio buckets of upstream's resize (data/video/transforms/bucket_resize.py), as width:height.
-ASPECTS = {"21:9": 21 / 9, "16:9": 16 / 9, "4:3": 4 / 3, "1:1": 1.0, "3:4": 3 / 4, "9:16": 9 / 16}
+D = DEFAULT_SAMPLING
 
 
 def add_model_args(p: argparse.ArgumentParser, default_dtype: str = "bfloat16") -> None:
@@ -29,63 +29,89 @@ def add_model_args(p: argparse.ArgumentParser, default_dtype: str = "bfloat16") 
                         "needs are downloaded)")
     g.add_argument("--dtype", default=default_dtype, choices=sorted(DTYPES),
                    help=f"compute dtype of the LLM and ViT (default {default_dtype})")
+    g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
-def add_seed_arg(g) -> None:
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
+def add_seed_arg(g, default: int = D.seed) -> None:
+    g.add_argument("--seed", type=int, default=default, help=f"random seed, 0 <= seed < 2**63 (default {default})")
 
 
-def add_generation_args(p: argparse.ArgumentParser, cfg_flags=("--cfg", "--cfg-text")) -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
-    g.add_argument(*cfg_flags, dest="cfg", type=float, default=DEFAULT_CFG,
-                   help=f"text guidance scale, active for 0.4 < t <= 1 as upstream (default {DEFAULT_CFG})")
-    g.add_argument("--timestep-shift", type=float, default=DEFAULT_SHIFT,
-                   help=f"flow-matching schedule shift (default {DEFAULT_SHIFT})")
+def _interval(text: str):
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.4,1.0), got {text!r}") from None
+    return lo, hi
+
+
+def add_sampling_args(p: argparse.ArgumentParser, image_guidance: bool = False) -> None:
+    """Denoising settings; defaults and help come from `config.SamplingParams` (upstream's, defined once)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=D.steps, help=f"denoising steps (default {D.steps})")
+    g.add_argument("--cfg", "--cfg-text", dest="cfg", type=float, default=D.cfg_text,
+                   help=f"text guidance scale; 1 or less is off (default {D.cfg_text:g})")
+    if image_guidance:
+        g.add_argument("--cfg-img", type=float, default=D.cfg_image,
+                       help=f"image guidance scale; {D.cfg_image:g} (default) is off, exactly as upstream; above 1 "
+                            "enables our three-branch guidance (an extension, see docs/editing.md)")
+    g.add_argument("--cfg-interval", type=_interval, default=D.cfg_interval, metavar="LO,HI",
+                   help=f"guidance is active for LO < t <= HI (default {D.cfg_interval[0]:g},{D.cfg_interval[1]:g})")
+    g.add_argument("--renorm-min", type=float, default=D.renorm_min,
+                   help=f"lower clamp of the guidance renorm factor (default {D.renorm_min:g})")
+    g.add_argument("--timestep-shift", type=float, default=D.shift,
+                   help=f"flow-matching schedule shift (default {D.shift:g})")
+    g.add_argument("--sampler", default=D.sampler, choices=SAMPLERS, help=f"solver (default {D.sampler})")
     add_seed_arg(g)
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(steps=args.steps, shift=args.timestep_shift, cfg_text=args.cfg,
+                          cfg_image=getattr(args, "cfg_img", D.cfg_image), cfg_interval=args.cfg_interval,
+                          renorm_min=args.renorm_min, seed=args.seed, sampler=args.sampler)
 
 
 def add_posterior_args(g, what: str) -> None:
     """How a VAE-encoded conditioning input (`what`) is drawn: upstream samples the posterior with its global seed."""
-    from .editing import POSTERIOR_SEED
-
     g.add_argument("--posterior-seed", type=int, default=POSTERIOR_SEED,
-                   help=f"seed of the VAE posterior sample of {what} (default {POSTERIOR_SEED}, upstream's global seed)")
+                   help=f"seed of the VAE posterior sample of {what} (default {POSTERIOR_SEED}, upstream's global "
+                        "seed)")
     g.add_argument("--posterior-mean", action="store_true",
                    help=f"encode {what} with the VAE posterior mean instead of a sample (deterministic; upstream "
                         "samples)")
 
 
-def add_size_args(p: argparse.ArgumentParser, default_resolution: int = 768) -> None:
+def posterior_from_args(args):
+    from .tasks import Posterior
+
+    return Posterior(sample=not args.posterior_mean, seed=args.posterior_seed)
+
+
+def add_output_args(p: argparse.ArgumentParser, help_text: str) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, type=Path, help=help_text)
+    g.add_argument("--force", action="store_true",
+                   help="replace an earlier output of lance-mlx at --out (never anything else)")
+
+
+def add_size_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("size")
     g.add_argument("--width", type=int, help="output width in pixels (multiple of 16, at most 1024)")
     g.add_argument("--height", type=int, help="output height in pixels (multiple of 16, at most 1024)")
-    g.add_argument("--aspect", choices=list(ASPECTS), default="1:1",
+    g.add_argument("--aspect", choices=list(ASPECT_RATIOS),
                    help="aspect-ratio preset used when --width/--height are not given (upstream buckets)")
-    g.add_argument("--resolution", type=int, default=default_resolution,
-                   help=f"area preset: the bucket covers about RESOLUTION² pixels (default {default_resolution})")
+    g.add_argument("--resolution", type=int,
+                   help="area preset: the bucket covers about RESOLUTION² pixels")
 
 
-def bucket_size(aspect: float, resolution: int, stride: int = 16) -> tuple:
-    """Upstream's bucket for one aspect ratio (width, height): the option whose ratio is closer wins.
-
-    Python's round() is banker's rounding, exactly as upstream's bucket construction uses it.
-    """
-    area = resolution * resolution
-    w1 = round((area * aspect) ** 0.5 / stride) * stride
-    h1 = round(w1 / aspect / stride) * stride
-    h2 = round((area / aspect) ** 0.5 / stride) * stride
-    w2 = round(h2 * aspect / stride) * stride
-    options = [(w1, h1), (w2, h2)]
-    return min(options, key=lambda o: (abs(o[0] / o[1] - aspect), abs(o[0] * o[1] - area)))
-
-
-def resolve_size(args) -> tuple:
-    """(width, height) from explicit flags or the aspect/resolution preset."""
+def resolve_size(args, aspect: str, resolution: int) -> tuple:
+    """(width, height) from explicit flags or upstream's bucket for the aspect/resolution preset."""
     if args.width is None and args.height is None:
-        return bucket_size(ASPECTS[args.aspect], args.resolution)
+        if isinstance(resolution, bool) or not 64 <= resolution <= 1024:
+            raise InvalidRequestError(f"--resolution must be between 64 and 1024 pixels, got {resolution}")
+        h, w = dict(zip(ASPECT_RATIOS, bucket_table(resolution)))[aspect]
+        return w, h
     if args.width is None or args.height is None:
-        raise SystemExit("error: give both --width and --height, or neither (then --aspect/--resolution apply)")
+        raise InvalidRequestError("give both --width and --height, or neither (then --aspect/--resolution apply)")
     return args.width, args.height
 
 
@@ -112,24 +138,47 @@ class PhaseTimer:
         print(f"[total] {total:.2f} s, peak memory {peak:.2f} GB", file=self.stream)
 
 
-def step_progress(desc: str = "denoising"):
-    """A `progress(i, n)` callback drawing a tqdm bar on stderr; the bar opens at the first step (after any
-    encoding phase prints) and closes at the last."""
+def run_steps(steps, desc: str = "denoising"):
+    """Drain a step generator with a tqdm bar on stderr; returns the last step's latents."""
     from tqdm import tqdm
 
-    bar = []
+    latents = None
+    bar = None
+    for step in steps:
+        if bar is None:
+            bar = tqdm(total=step.total, desc=desc, unit="step", file=sys.stderr)
+        bar.update(1)
+        latents = step.latents
+    if bar is not None:
+        bar.close()
+    return latents
 
-    def progress(i: int, n: int) -> None:
-        if not bar:
-            bar.append(tqdm(total=n, desc=desc, unit="step", file=sys.stderr))
-        bar[0].update(i - bar[0].n)
-        if i == n:
-            bar[0].close()
 
-    return progress
-
-
-def fail(msg: str) -> NoReturn:
+def fail(msg: str, code: int = 2) -> NoReturn:
     """Exit with a one-line error (no traceback) for problems the user can fix."""
     print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
+
+
+def flag_message(e: LanceError) -> str:
+    """The error's message on one line, its field name (when it names one) shown as the command-line flag."""
+    msg = str(e).replace("\n", " ")
+    if e.param:
+        msg = re.sub(rf"(?<![\w-]){re.escape(e.param)}\b", "--" + e.param.replace("_", "-"), msg, count=1)
+    return msg
+
+
+def main_guard(run: Callable[[argparse.Namespace], int], parse: Callable[[Optional[Sequence[str]]], argparse.Namespace],
+               argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, run, and turn errors into one line: `LanceError`s exit with their code (2 bad input, 1 failure while
+    running), Ctrl-C exits 130; `--debug` shows the traceback."""
+    args = parse(argv)
+    try:
+        return run(args)
+    except LanceError as e:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        fail(flag_message(e), e.exit_code)
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        return 130

@@ -11,9 +11,31 @@ from typing import Any, Dict, Optional, Tuple
 # Source tags used in comments below:
 #   [llm_config]  upstream Lance_3B/llm_config.json (Qwen2.5-VL-3B text tower)
 #   [sh]          upstream inference_lance.sh (flags passed to the official inference)
+#   [factory]     upstream config/config_factory.py (defaults the script does not override)
+#   [infer]       upstream inference_lance.py
 #   [ckpt]        implied by tensor shapes in Lance_3B/model.safetensors
 #   [vit_config]  upstream Qwen2.5-VL-ViT/config.json
 #   [wan]         Wan2.2 vae2_2.py (`_video_vae` / `Wan2_2_VAE` arguments)
+
+# Token ids of the Qwen2.5-VL vocabulary used by every template (upstream data/data_utils.py::add_special_tokens,
+# which adds nothing new to this tokenizer; inference_lance.py uses <|video_pad|> as the image token too).
+ENDOFTEXT = 151643  # <|endoftext|>
+IM_START = 151644  # <|im_start|> (upstream "bos")
+IM_END = 151645  # <|im_end|> (upstream "eos"; ends understanding answers)
+VISION_START = 151652  # <|vision_start|>
+VISION_END = 151653  # <|vision_end|>
+IMAGE_PAD = 151655  # <|image_pad|> (never produced by upstream's template)
+VIDEO_PAD = 151656  # <|video_pad|>: upstream's placeholder for images and videos alike
+NEWLINE = 198  # "\n"
+TOKENIZER_VOCAB_SIZE = 151665  # len(tokenizer): ids at or above it never decode to text [infer]
+
+# Upstream's global seed ([factory] `global_seed = 2025`): it, not the noise seed, drives the VAE posterior sample
+# of conditioning latents and the pixel noise of image-to-video.
+POSTERIOR_SEED = 2025
+# Upstream saves generated videos at 12 fps ([infer] `save_fps`).
+OUTPUT_FPS = 12.0
+# Longest understanding answer ([infer] MAX_GENERATION_LENGTH = 256, greedy).
+MAX_ANSWER_TOKENS = 256
 
 
 def _from_dict(cls, d: Dict[str, Any]):
@@ -123,20 +145,22 @@ class LanceConfig:
     latent_patch_size: int = 1  # [sh] --latent_patch_size 1 1 1
     max_latent_size: int = 64  # [sh] ⇒ at most 64 latent rows/cols = 1024 px per side
     max_num_frames: int = 121  # [sh] ⇒ 121 // 4 + 1 = 31 latent frames in the 3-D position table
-    vae_spatial_stride: int = 16  # [wan] 2x2 patchify then three stride-2 stages
-    vae_temporal_stride: int = 4  # [wan] two temporal stride-2 stages
+    # [wan] 2x2 patchify then three stride-2 stages; output sizes are multiples of it
+    vae_spatial_stride: int = 16
+    # [wan] frame 0 is encoded alone, then groups of 4: pixel frame counts are 4k + 1
+    vae_temporal_stride: int = 4
     timestep_frequency_dim: int = 256  # upstream TimestepEmbedder frequency_embedding_size
 
     # Token ids of the Qwen2.5-VL tokenizer used by the pipelines (upstream data_utils.add_special_tokens).
-    pad_token_id: int = 151643  # <|endoftext|>
-    im_start_token_id: int = 151644  # <|im_start|> (upstream "bos")
-    im_end_token_id: int = 151645  # <|im_end|> (upstream "eos"; ends understanding answers)
-    vision_start_token_id: int = 151652  # <|vision_start|>
-    vision_end_token_id: int = 151653  # <|vision_end|>
-    image_pad_token_id: int = 151655  # <|image_pad|> (unused by upstream's template)
-    video_pad_token_id: int = 151656  # <|video_pad|>: upstream's placeholder for images and videos alike
+    pad_token_id: int = ENDOFTEXT
+    im_start_token_id: int = IM_START
+    im_end_token_id: int = IM_END
+    vision_start_token_id: int = VISION_START
+    vision_end_token_id: int = VISION_END
+    image_pad_token_id: int = IMAGE_PAD
+    video_pad_token_id: int = VIDEO_PAD
     # len(tokenizer): logits for ids at or above it are masked to -inf when decoding text (upstream lance.py).
-    tokenizer_vocab_size: int = 151665
+    tokenizer_vocab_size: int = TOKENIZER_VOCAB_SIZE
 
     # Set by convert.py: weights on disk are already in MLX layout (no remapping needed at load).
     mlx_layout: bool = False
@@ -189,3 +213,105 @@ class LanceConfig:
 def build_lance_config(cfg_json: Dict[str, Any]) -> LanceConfig:
     """Build a `LanceConfig` from a parsed `config.json` / `llm_config.json` dict."""
     return LanceConfig.from_dict(cfg_json)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling settings
+
+SAMPLERS = ("euler",)  # flow-matching solvers; upstream samples with Euler steps (lance.py::validation_gen_KVcache)
+MAX_STEPS = 1000  # our bound: far past any useful schedule, small enough to fail fast on a typo
+MAX_GUIDANCE = 50.0  # our bound on guidance scales (upstream uses 4.0; beyond ~20 images saturate)
+MAX_SHIFT = 100.0  # our bound on the schedule shift (upstream 3.5; 0 would give t = 0 at every step)
+MAX_SEED = 2**63  # seeds are integers in [0, 2**63)
+
+
+def check_number(name: str, value, lo: float, hi: float, integer: bool = False, lo_open: bool = False):
+    """`value` as int/float, or InvalidRequestError / InvalidTypeError naming `name`, the range and the fix.
+    A one-word `name` is also the error's `param`."""
+    import math
+    import numbers
+
+    from .errors import InvalidRequestError, InvalidTypeError
+
+    param = name if " " not in name else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "an integer" if integer else "a number"
+        raise InvalidTypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}", param)
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}", param)
+    if integer:
+        if not float(value).is_integer():
+            raise InvalidRequestError(f"{name} must be a whole number, got {value!r}; use e.g. {int(value)}", param)
+        value = int(value)
+    else:
+        value = float(value)
+    if value < lo or value > hi or (lo_open and value == lo):
+        if integer and hi == MAX_SEED - 1:
+            span = f"[{lo}, 2**63)"
+        else:
+            span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise InvalidRequestError(f"{name} {value!r} is out of range: use a value in {span}", param)
+    return value
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a generation task samples: upstream's defaults, once. Validated on construction.
+
+    Defaults: 30 Euler steps, schedule shift 3.5, text guidance 4.0, seed 42 ([sh] NUM_STEPS, TIMESTEP_SHIFT,
+    CFG_TEXT_SCALE, SEED); guidance active for 0.4 < t <= 1.0 with global renorm clamped below at 0.0 ([factory]
+    cfg_interval, cfg_renorm_type "global", cfg_renorm_min). `cfg_image` > 1 turns on our three-branch image
+    guidance for edits (upstream's cfg_vit path cannot run; docs/editing.md); 1.0 is off, exactly upstream.
+    `noise` (optional) replaces the seeded initial noise: (N, 48) or (1, t, h, w, 48), for exact comparisons.
+    """
+
+    steps: int = 30
+    shift: float = 3.5
+    cfg_text: float = 4.0
+    cfg_image: float = 1.0
+    cfg_interval: Tuple[float, float] = (0.4, 1.0)
+    renorm_min: float = 0.0
+    seed: int = 42
+    noise: Any = field(default=None, compare=False, repr=False)
+    sampler: str = "euler"
+
+    def __post_init__(self):
+        from .errors import InvalidRequestError, InvalidTypeError
+
+        set_ = object.__setattr__  # frozen: normalize in place once
+        set_(self, "steps", check_number("steps", self.steps, 1, MAX_STEPS, integer=True))
+        set_(self, "shift", check_number("timestep shift", self.shift, 0.0, MAX_SHIFT, lo_open=True))
+        set_(self, "cfg_text", check_number("text guidance scale (cfg)", self.cfg_text, 0.0, MAX_GUIDANCE))
+        set_(self, "cfg_image", check_number("image guidance scale (cfg-img)", self.cfg_image, 0.0, MAX_GUIDANCE))
+        set_(self, "renorm_min", check_number("renorm minimum", self.renorm_min, 0.0, 1.0))
+        set_(self, "seed", check_number("seed", self.seed, 0, MAX_SEED - 1, integer=True))
+        interval = self.cfg_interval
+        if isinstance(interval, str) or not hasattr(interval, "__len__") or len(interval) != 2:
+            raise InvalidTypeError(f"the guidance interval must be two numbers LO,HI, got {interval!r}")
+        lo = check_number("guidance interval start", interval[0], 0.0, 1.0)
+        hi = check_number("guidance interval end", interval[1], 0.0, 1.0)
+        if lo >= hi:
+            raise InvalidRequestError(f"the guidance interval ({lo:g}, {hi:g}] is empty: its start must be below its "
+                                      "end, e.g. 0.4,1.0 (upstream)")
+        set_(self, "cfg_interval", (lo, hi))
+        if self.sampler not in SAMPLERS:
+            raise InvalidRequestError(f"unknown sampler {self.sampler!r}: use one of {', '.join(SAMPLERS)}")
+
+    def replace(self, **changes) -> "SamplingParams":
+        """A copy with some settings changed (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            from .errors import InvalidTypeError
+
+            raise InvalidTypeError(f"unknown sampling setting(s) {', '.join(unknown)}: use "
+                                   f"{', '.join(f.name for f in fields(self))}")
+        return dataclasses.replace(self, **changes)
+
+    def as_metadata(self) -> Dict[str, Any]:
+        """The settings as plain values for output metadata (noise left out)."""
+        return {"steps": self.steps, "timestep_shift": self.shift, "cfg_text": self.cfg_text,
+                "cfg_img": self.cfg_image, "cfg_interval": f"{self.cfg_interval[0]:g},{self.cfg_interval[1]:g}",
+                "renorm_min": self.renorm_min, "seed": self.seed, "sampler": self.sampler}
+
+
+DEFAULT_SAMPLING = SamplingParams()

@@ -1,22 +1,24 @@
-"""`Lance`: the MoT language model plus latent adapters, and the KV-cached flow-matching generation machinery."""
+"""`Lance`: the pure model — MoT language model, latent adapters, context prefill and the noise-block velocity."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence as Seq, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Sequence as Seq
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from . import sampler as S
-from .config import LanceConfig
+from .config import DEFAULT_SAMPLING, LanceConfig, SamplingParams
 from .llm import KVCache, Qwen2ForCausalLM, Rope, Routing, cache_arrays
-from .pipelines import LancePipelines
-from .sequence import Branch, Sequence, Split, attention_mask, generation_sequence
+from .sampler import Step, Velocity
+from .sequence import TEXT_AND_VISION, Branch, Sequence, Split, attention_mask, generation_sequence
 
-__all__ = ["Lance", "LanceConfig", "TimestepEmbedder", "LatentPositionTable", "GenerationContext", "Velocity"]
+__all__ = ["Lance", "LanceConfig", "TimestepEmbedder", "LatentPositionTable", "GenerationContext", "Velocity",
+           "BranchState"]
 
 
 class TimestepEmbedder(nn.Module):
@@ -115,15 +117,16 @@ class BranchState:
 
 @dataclass
 class GenerationContext:
-    """Everything fixed across denoising steps of one request."""
+    """Everything fixed across the denoising steps of one request: one prefilled context per guidance branch."""
 
     sequence: Sequence
     shape: Tuple[int, int, int]
     cond: BranchState
-    uncond: Optional[BranchState]
+    uncond: Optional[BranchState]  # text dropped (upstream's CFG branch)
     markers: mx.array  # (2, hidden): <|vision_start|>, <|vision_end|> embeddings of the noise block
     pos_rows: mx.array  # (N, hidden) 3-D table rows of the target grid, model dtype
     routing: Routing  # und, gen x N, und
+    vision: Optional[BranchState] = None  # text and visual conditioning dropped (image guidance, docs/editing.md)
 
     @property
     def num_tokens(self) -> int:
@@ -131,22 +134,11 @@ class GenerationContext:
         return t * h * w
 
 
-@dataclass
-class Velocity:
-    """One denoising step's velocities (N, 48) float32; v_uncond / v_cfg / scale are None without CFG."""
-
-    v_cond: mx.array
-    v_uncond: Optional[mx.array]
-    v_cfg: Optional[mx.array]
-    scale: Optional[mx.array]
-    v: mx.array
-
-
-class Lance(LancePipelines, nn.Module):
+class Lance(nn.Module):
     """Lance 3B (LLM + adapters). Keys equal upstream's state dict minus `latent_pos_embed.pos_embed`.
 
-    `from_pretrained` and the per-task calls come from `pipelines.LancePipelines`; the generation machinery
-    (context prefill, per-step velocity, sampling loop) is defined here.
+    The pure model: token and latent embeddings, context prefill, the noise block's velocity for 1-3 guidance
+    branches, and the seed API `sample_t2i`. Files, tokenizers, images and tasks live in `pipeline.py`.
     """
 
     def __init__(self, config: LanceConfig):
@@ -234,15 +226,22 @@ class Lance(LancePipelines, nn.Module):
                 mx.eval(cache_arrays(cache))
         return cache, hidden
 
-    def _branch_state(self, branch: Branch, keep_hidden: bool) -> BranchState:
+    def _branch_state(self, branch: Branch, keep_hidden: bool = False) -> BranchState:
         cache, hidden = self.prefill(branch.context, branch.context_positions, return_hidden=keep_hidden)
         rope = self.language_model.model.rope(branch.noise_positions)
         return BranchState(branch, cache, rope, hidden)
 
-    def prepare_generation(self, seq: Sequence, cfg: bool = True, keep_hidden: bool = False) -> GenerationContext:
-        """Prefill the conditional context (and, with cfg, the text-unconditional one) of `seq`.
-        `keep_hidden` also keeps each prefilled split's output hidden states (debugging, parity tests)."""
-        cond_b, uncond_b = seq.cfg_branches() if cfg else (seq.branch(()), None)
+    def prepare_generation(self, seq: Sequence, cfg: bool = True, image_cfg: bool = False,
+                           keep_hidden: bool = False) -> GenerationContext:
+        """Prefill each guidance branch's context of `seq` once: the conditional one; with `cfg` the
+        text-dropped one; with `image_cfg` also the one without text and visual conditioning (`TEXT_AND_VISION`).
+        `keep_hidden` also keeps each prefilled split's output hidden states (debugging, parity tests).
+
+        The third branch keeps the template head and the `<|im_end|>\\n<|im_start|>assistant\\n` split with their
+        conditional position ids; its noise block takes the ids get_rope_index gives on the shortened sequence,
+        the rule upstream uses for its text-dropped branch (sequence.Sequence.branch).
+        """
+        cond_b, uncond_b = seq.cfg_branches() if (cfg or image_cfg) else (seq.branch(()), None)
         noise = cond_b.noise
         if noise.kind != "latent":
             raise ValueError("the noise split must be a latent block")
@@ -253,8 +252,10 @@ class Lance(LancePipelines, nn.Module):
         pos_rows = self.latent_pos.rows(shape).astype(dt)
         cond = self._branch_state(cond_b, keep_hidden)
         uncond = self._branch_state(uncond_b, keep_hidden) if uncond_b is not None else None
-        mx.eval(markers, pos_rows, cond.rope, *(uncond.rope if uncond else ()))
-        return GenerationContext(seq, shape, cond, uncond, markers, pos_rows, Routing(noise.gen_mask))
+        vision = self._branch_state(seq.branch(TEXT_AND_VISION), keep_hidden) if image_cfg else None
+        ropes = [b.rope for b in (cond, uncond, vision) if b is not None]
+        mx.eval(markers, pos_rows, *ropes)
+        return GenerationContext(seq, shape, cond, uncond, markers, pos_rows, Routing(noise.gen_mask), vision)
 
     # ---------------------------------------------------------------------------------------------- velocity
     def noise_inputs(self, ctx: GenerationContext, x: mx.array, t: Union[float, mx.array]) -> mx.array:
@@ -271,17 +272,18 @@ class Lance(LancePipelines, nn.Module):
         return self.llm2vae(h_out[0, 1:-1]).astype(mx.float32)  # (N, 48)
 
     def velocity(self, ctx: GenerationContext, x: mx.array, t: Union[float, mx.array],
-                 cfg_scale: float = S.CFG_SCALE, renorm_min: float = S.CFG_RENORM_MIN) -> Velocity:
-        """One step's velocity at latents x (N, 48) and time t: conditional, unconditional (when cfg_scale > 1
-        and the context has an unconditional branch), v_u + s (v_c - v_u), its global renorm, and the result."""
+                 cfg_scale: float = S.CFG_SCALE, image_cfg_scale: float = 1.0,
+                 renorm_min: float = S.CFG_RENORM_MIN) -> Velocity:
+        """One step's velocity at latents x (N, 48) and time t (scalar or per token): each branch the scales
+        need is queried against its cached context, then `sampler.guide` combines them (text CFG as upstream;
+        image guidance when `image_cfg_scale` > 1 and the context has the third branch)."""
         h_in = self.noise_inputs(ctx, x, t)
+        use_all = image_cfg_scale > 1.0 and ctx.vision is not None
+        use_text = ctx.uncond is not None and (cfg_scale > 1.0 or use_all)
         v_c = self._v(self.noise_query(ctx, ctx.cond, h_in))
-        if cfg_scale <= 1.0 or ctx.uncond is None:
-            return Velocity(v_c, None, None, None, v_c)
-        v_u = self._v(self.noise_query(ctx, ctx.uncond, h_in))
-        v_cfg = S.cfg_combine(v_c, v_u, cfg_scale)
-        scale = S.renorm_scale(v_c, v_cfg, renorm_min)
-        return Velocity(v_c, v_u, v_cfg, scale, v_cfg * scale)
+        v_t = self._v(self.noise_query(ctx, ctx.uncond, h_in)) if use_text else None
+        v_a = self._v(self.noise_query(ctx, ctx.vision, h_in)) if use_all else None
+        return S.guide(v_c, v_t, v_a, cfg_scale, image_cfg_scale, renorm_min)
 
     def velocity_uncached(self, branch: Branch, x: mx.array, t: Union[float, mx.array]) -> mx.array:
         """Reference velocity (N, 48): the branch's whole sequence in one forward with the explicit sparse mask
@@ -296,29 +298,33 @@ class Lance(LancePipelines, nn.Module):
         return self.llm2vae(out[0, c + 1:c + len(branch.noise) - 1]).astype(mx.float32)
 
     # ------------------------------------------------------------------------------------------------ sample
-    def sample(self, ctx: GenerationContext, noise: mx.array, num_steps: int = S.NUM_STEPS,
-               timestep_shift: float = S.TIMESTEP_SHIFT, cfg_scale: float = S.CFG_SCALE,
-               cfg_interval: Tuple[float, float] = S.CFG_INTERVAL, renorm_min: float = S.CFG_RENORM_MIN,
-               frozen: Optional[np.ndarray] = None, progress: Optional[Callable[[int, int], Any]] = None,
-               ) -> mx.array:
-        """Euler flow-matching from `noise` (N, 48) over the shifted schedule; returns latents (N, 48) float32.
+    def denoise(self, seq: Sequence, params: SamplingParams = DEFAULT_SAMPLING,
+                frozen: Optional[np.ndarray] = None) -> Iterator[Step]:
+        """The sampling loop (`sampler.denoise`) over the noise split of any generation sequence (t2i, t2v, i2v,
+        image/video edit): start from `params.noise` or seeded N(0, 1), prefill the branches the guidance needs,
+        yield a `sampler.Step` after each step. `frozen` (N,) rows of the start latents stay as given (i2v)."""
+        shape = seq.splits[seq.noise_index].grid
+        self.latent_pos.check(shape)
+        t, h, w = shape
+        x0 = self.initial_noise(t * h * w, params.seed, params.noise, shape)
+        image_cfg = params.cfg_image > 1.0
+        ctx = self.prepare_generation(seq, cfg=params.cfg_text > 1.0 or image_cfg, image_cfg=image_cfg)
 
-        `frozen` (N,) marks tokens that stay as given, at t = 0, and are not updated (the first frame of i2v);
-        renorm norms still cover every token, as upstream.
-        """
-        ts, dts = S.timesteps(num_steps, timestep_shift)
-        x = noise.astype(mx.float32)
-        fz = None if frozen is None else mx.array(np.asarray(frozen, dtype=bool))
-        for i, (t, dt) in enumerate(zip(ts.tolist(), dts.tolist())):
-            scale = cfg_scale if S.cfg_active(t, cfg_interval) else 1.0
-            tt = t if fz is None else mx.where(fz, 0.0, t)
-            v = self.velocity(ctx, x, tt, scale, renorm_min).v
-            x_new = S.euler_step(x, v, dt)
-            x = x_new if fz is None else mx.where(fz[:, None], x, x_new)
-            mx.eval(x)
+        def velocity(x, tt, text_scale, image_scale):
+            return self.velocity(ctx, x, tt, text_scale, image_scale, params.renorm_min)
+
+        yield from S.denoise(velocity, x0, params, frozen)
+
+    def generate(self, seq: Sequence, params: SamplingParams = DEFAULT_SAMPLING,
+                 frozen: Optional[np.ndarray] = None, progress=None) -> mx.array:
+        """Latents (1, T, h, w, 48) float32 of `denoise` run to the end; `progress(i, n)` after each step."""
+        x = None
+        for step in self.denoise(seq, params, frozen):
+            x = step.latents
             if progress is not None:
-                progress(i + 1, num_steps)
-        return x
+                progress(step.index, step.total)
+        t, h, w = seq.splits[seq.noise_index].grid
+        return x.reshape(1, t, h, w, self.config.latent_channels)  # (1, T, h, w, 48)
 
     def _prompt_ids(self, prompt_token_ids, prompt, tokenizer) -> np.ndarray:
         if prompt_token_ids is None:
@@ -354,7 +360,7 @@ class Lance(LancePipelines, nn.Module):
             raise ValueError(f"latent_shape must be (T, h, w) latents, got {latent_shape!r}") from None
         return t, h, w
 
-    def initial_noise(self, n: int, seed: int = 42, noise=None, shape=None) -> mx.array:
+    def initial_noise(self, n: int, seed: int = DEFAULT_SAMPLING.seed, noise=None, shape=None) -> mx.array:
         """(n, 48) float32 start latents: `noise` ((n, 48) or (1, T, h, w, 48)) when given, else N(0, 1) from
         `seed` (MLX's generator; upstream's CUDA noise cannot be reproduced, inject it for parity)."""
         c = self.config.latent_channels
@@ -366,13 +372,14 @@ class Lance(LancePipelines, nn.Module):
         return a.reshape(n, c)  # (t*h*w, 48), raster order t, h, w
 
     def sample_t2i(self, prompt_token_ids=None, latent_shape=(1, 32, 32), num_steps: int = S.NUM_STEPS,
-                   timestep_shift: float = S.TIMESTEP_SHIFT, cfg_scale: float = S.CFG_SCALE, seed: int = 42,
-                   noise=None, prompt: Optional[str] = None, tokenizer=None,
+                   timestep_shift: float = S.TIMESTEP_SHIFT, cfg_scale: float = S.CFG_SCALE,
+                   seed: int = DEFAULT_SAMPLING.seed, noise=None, prompt: Optional[str] = None, tokenizer=None,
                    cfg_interval: Tuple[float, float] = S.CFG_INTERVAL, progress=None, special_token_ids=None,
                    **ignored) -> mx.array:
         """Text-to-image latents (1, T, h, w, 48) float32 with upstream's t2i template and KV-cached sampler.
 
-        `prompt_token_ids`: ids of the user prompt alone (add_special_tokens=False); or `prompt` + `tokenizer`.
+        The seed API, kept as it was: `prompt_token_ids` are the ids of the user prompt alone
+        (add_special_tokens=False), or pass `prompt` + `tokenizer`. `progress(i, n)` is called after each step.
         `special_token_ids` is accepted for compatibility and ignored (the template ids are fixed).
         """
         ids = self._prompt_ids(prompt_token_ids, prompt, tokenizer)
@@ -380,21 +387,6 @@ class Lance(LancePipelines, nn.Module):
         self.latent_pos.check(shape)
         seq = generation_sequence("t2i", ids, shape, tokenizer=tokenizer)
         self._check_length(seq, len(ids))
-        return self.generate(seq, num_steps, timestep_shift, cfg_scale, seed, noise, cfg_interval,
-                             progress=progress)
-
-    def generate(self, seq: Sequence, num_steps: int = S.NUM_STEPS, timestep_shift: float = S.TIMESTEP_SHIFT,
-                 cfg_scale: float = S.CFG_SCALE, seed: int = 42, noise=None,
-                 cfg_interval: Tuple[float, float] = S.CFG_INTERVAL, frozen: Optional[np.ndarray] = None,
-                 progress=None) -> mx.array:
-        """Latents (1, T, h, w, 48) float32 of the noise split of any generation sequence (t2i, t2v, edit, i2v):
-        prefill the contexts, start from `noise` or seeded N(0, 1) (`noise` rows where `frozen` is set are kept
-        as given), run the sampler."""
-        shape = seq.splits[seq.noise_index].grid
-        self.latent_pos.check(shape)
-        t, h, w = shape
-        x0 = self.initial_noise(t * h * w, seed, noise, shape)
-        ctx = self.prepare_generation(seq, cfg=cfg_scale > 1.0)
-        x = self.sample(ctx, x0, num_steps, timestep_shift, cfg_scale, cfg_interval, frozen=frozen,
-                        progress=progress)
-        return x.reshape(1, t, h, w, self.config.latent_channels)  # (1, T, h, w, 48)
+        params = SamplingParams(steps=num_steps, shift=timestep_shift, cfg_text=cfg_scale, seed=seed, noise=noise,
+                                cfg_interval=cfg_interval)
+        return self.generate(seq, params, progress=progress)

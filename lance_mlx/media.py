@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -16,12 +17,103 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+SOFTWARE = "lance-mlx"  # the `software` metadata value that marks an output as this tool's own
+VIDEO_OUT_SUFFIXES = (".mp4", ".mov", ".mkv", ".gif", "")  # "" = a folder of PNG frames
+
+
+# ----------------------------------------------------------------------------------------------- output paths
+def output_kind(path) -> str:
+    """"image", "video" or "frames" (a suffix-less name: a folder of PNG frames) from an output name."""
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    return "frames" if suffix == "" else "video"
+
+
+def free_path(path) -> Path:
+    """The first of `path`, `stem-1.ext`, `stem-2.ext`, ... that does not exist."""
+    path = Path(path)
+    n = 1
+    cand = path
+    while cand.exists() or cand.is_symlink():
+        cand = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return cand
+
+
+def is_own_output(path) -> bool:
+    """Whether `path` is an earlier output of this tool: an image / video whose metadata says software=lance-mlx,
+    or a folder holding only such PNG frames (frame_NNNNN.png). Anything else is the user's."""
+    path = Path(path)
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        entries = list(path.iterdir())
+        return bool(entries) and all(e.is_file() and e.name.startswith("frame_") and e.suffix == ".png"
+                                     and is_own_output(e) for e in entries)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES + (".gif",):
+        try:
+            with Image.open(path) as im:
+                info = dict(getattr(im, "text", {}) or {})
+                comment = im.info.get("comment", b"")
+                software = info.get("software") or im.getexif().get(0x0131)
+        except (OSError, ValueError):
+            return False
+        return software == SOFTWARE or SOFTWARE.encode() in (comment if isinstance(comment, bytes) else b"")
+    # videos: ffmpeg writes the metadata as plain UTF-8 in the moov box, at the head with +faststart
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    return f'"software": "{SOFTWARE}"'.encode() in head
+
+
+def check_output(path, kinds=("image", "video", "frames"), force: bool = False) -> Path:
+    """Check an output path before any work; returns it. Refuses (OutputError, naming a free path):
+    an unsupported kind; `.`, `..`, `/` or the home folder; an existing folder other than an earlier PNG-frame
+    output; an existing file unless `force` is set and it is an earlier output of this tool (`is_own_output`);
+    a parent that is a file or not writable."""
+    from .errors import OutputError
+
+    path = Path(path).expanduser()
+    kind = output_kind(path)
+    if kind not in kinds or (kind == "video" and path.suffix.lower() not in VIDEO_OUT_SUFFIXES):
+        if "image" in kinds:
+            raise OutputError(f"{path} is not an image name: use one of {', '.join(IMAGE_SUFFIXES)}", "out")
+        raise OutputError(f"{path} is not a video name: use .mp4, .mov, .mkv, .gif, or a name without a suffix for "
+                          "a folder of PNG frames", "out")
+    resolved = path.resolve()
+    if str(path) in (".", "..", "") or resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise OutputError(f"refusing to write over {path} (a folder that is not this tool's): name a new output, "
+                          f"e.g. {free_path(Path(resolved) / ('out' + ('.png' if kind == 'image' else '.mp4')))}")
+    if path.exists() or path.is_symlink():
+        what = "folder" if path.is_dir() else "file"
+        if not is_own_output(path):
+            raise OutputError(f"{path} exists and is not an output of lance-mlx; it is left alone: choose a free "
+                              f"name, e.g. {free_path(path)}")
+        if not force:
+            raise OutputError(f"{path} exists (an earlier lance-mlx {what}): pass --force to replace it, or choose "
+                              f"a free name, e.g. {free_path(path)}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {parent} (permission denied): choose an output in a writable folder")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_output(dest, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; rename it onto `dest` only if the block succeeds.
+    """Yield a temporary path beside `dest`; move it onto `dest` only if the block succeeds.
 
-    An interrupted or failed write therefore never leaves a partial file under the final name.
+    An interrupted or failed write never leaves a partial file under the final name. An existing folder at
+    `dest` is replaced only when it is an earlier output of this tool (`is_own_output`); it is moved aside first
+    and deleted once the new one is in place.
     """
+    from .errors import OutputError
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if is_dir:
@@ -30,21 +122,30 @@ def atomic_output(dest, is_dir: bool = False) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".partial{dest.suffix}", dir=dest.parent)
         os.close(fd)
         tmp = Path(name)
+    old = None
     try:
         yield tmp
         # mkstemp/mkdtemp create private files; give the result the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
-        if is_dir and dest.exists():
-            shutil.rmtree(dest)
+        if dest.is_dir() and not dest.is_symlink():
+            if not (is_dir and is_own_output(dest)):
+                raise OutputError(f"{dest} is a folder that is not an output of lance-mlx; it is left alone")
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / dest.name)
         os.replace(tmp, dest)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if old is not None and not dest.exists():
+            os.replace(old / dest.name, dest)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def to_uint8(pixels) -> np.ndarray:
@@ -67,6 +168,10 @@ def save_image(image, path, metadata: Optional[Dict[str, object]] = None) -> Pat
         for k, v in metadata.items():
             info.add_text(str(k), str(v))
         kwargs["pnginfo"] = info
+    elif metadata and "software" in metadata:  # JPEG / WebP: the EXIF Software tag marks our own outputs
+        exif = Image.Exif()
+        exif[0x0131] = str(metadata["software"])
+        kwargs["exif"] = exif
     with atomic_output(path) as tmp:
         img.save(tmp, format=fmt, **kwargs)
     return path
@@ -82,7 +187,7 @@ def save_video(frames: Iterable[np.ndarray], path, fps: float = 12.0, size: Opti
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".gif":
-        return _save_gif(frames, path, fps)
+        return _save_gif(frames, path, fps, metadata)
     if suffix == "":
         return _save_png_frames(frames, path, metadata)
     if suffix not in (".mp4", ".mov", ".mkv"):
@@ -96,8 +201,7 @@ def save_video(frames: Iterable[np.ndarray], path, fps: float = 12.0, size: Opti
     with atomic_output(path) as tmp:
         writer = imageio_ffmpeg.write_frames(
             str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
-            output_params=["-crf", "18", "-movflags", "+faststart"]
-            + sum((["-metadata", f"comment={k}={v}"] for k, v in (metadata or {}).items()), []),
+            output_params=["-crf", "18", "-movflags", "+faststart"] + _ffmpeg_metadata(metadata),
             macro_block_size=2, ffmpeg_log_level="error")
         writer.send(None)
         try:
@@ -109,11 +213,22 @@ def save_video(frames: Iterable[np.ndarray], path, fps: float = 12.0, size: Opti
     return path
 
 
-def _save_gif(frames, path: Path, fps: float) -> Path:
+def _ffmpeg_metadata(metadata: Optional[Dict[str, object]]) -> list:
+    """Every setting in one `comment` tag as JSON (ffprobe shows it), the prompt also as `title`."""
+    if not metadata:
+        return []
+    meta = {str(k): v if isinstance(v, (int, float, bool)) else str(v) for k, v in metadata.items()}
+    out = ["-metadata", "comment=" + json.dumps(meta, ensure_ascii=False)]
+    title = meta.get("prompt") or meta.get("instruction")
+    return out + (["-metadata", f"title={title}"] if title else [])
+
+
+def _save_gif(frames, path: Path, fps: float, metadata) -> Path:
     imgs = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    extra = {"comment": json.dumps({str(k): str(v) for k, v in metadata.items()})} if metadata else {}
     with atomic_output(path) as tmp:
         imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=int(round(1000 / fps)),
-                     loop=0)
+                     loop=0, **extra)
     return path
 
 

@@ -1,19 +1,21 @@
-"""Flow-matching sampler of Lance: shifted N+1-point schedule, Euler steps, text CFG with global renorm."""
+"""Flow-matching sampling of Lance: the shifted schedule, guidance with global renorm, and the one denoising loop."""
 
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 
-# Upstream defaults: inference_lance.sh (30 steps, shift 3.5, cfg 4.0) and config/config_factory.py
-# (cfg_interval [0.4, 1.0], cfg_renorm_type "global", cfg_renorm_min 0.0).
-NUM_STEPS = 30
-TIMESTEP_SHIFT = 3.5
-CFG_SCALE = 4.0
-CFG_INTERVAL = (0.4, 1.0)
-CFG_RENORM_MIN = 0.0
+from .config import DEFAULT_SAMPLING, SamplingParams
+
+# Upstream defaults, defined once in config.SamplingParams (kept here under their old names for callers).
+NUM_STEPS = DEFAULT_SAMPLING.steps
+TIMESTEP_SHIFT = DEFAULT_SAMPLING.shift
+CFG_SCALE = DEFAULT_SAMPLING.cfg_text
+CFG_INTERVAL = DEFAULT_SAMPLING.cfg_interval
+CFG_RENORM_MIN = DEFAULT_SAMPLING.renorm_min
 
 
 def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
@@ -42,7 +44,7 @@ def timesteps(num_steps: int = NUM_STEPS, shift: float = TIMESTEP_SHIFT) -> Tupl
 
 
 def cfg_active(t: float, interval: Tuple[float, float] = CFG_INTERVAL) -> bool:
-    """CFG applies for interval[0] < t <= interval[1] (upstream compares the float32 step time)."""
+    """Guidance applies for interval[0] < t <= interval[1] (upstream compares the float32 step time)."""
     return bool(interval[0] < float(t) <= interval[1])
 
 
@@ -61,3 +63,81 @@ def renorm_scale(v_cond: mx.array, v_cfg: mx.array, renorm_min: float = CFG_RENO
 def euler_step(x: mx.array, v: mx.array, dt: float) -> mx.array:
     """x <- x - v * dt (v points from data to noise)."""
     return x - v * dt
+
+
+# ---------------------------------------------------------------------------------------------------- guidance
+@dataclass
+class Velocity:
+    """One step's velocities (N, 48) float32. `v_uncond` is the text-dropped branch, `v_uncond_all` the
+    text-and-vision-dropped one (image guidance); fields of branches that were not run are None."""
+
+    v_cond: mx.array
+    v_uncond: Optional[mx.array]
+    v_cfg: Optional[mx.array]
+    scale: Optional[mx.array]
+    v: mx.array
+    v_uncond_all: Optional[mx.array] = None
+
+
+def guide(v_cond: mx.array, v_text: Optional[mx.array], v_all: Optional[mx.array], cfg_text: float,
+          cfg_image: float, renorm_min: float = CFG_RENORM_MIN) -> Velocity:
+    """Combine the branch velocities of one step.
+
+    - image guidance (cfg_image > 1, three branches): v_all + s_t (v_c - v_text) + s_i (v_text - v_all), our
+      extension (docs/editing.md); s_i = 1 reduces to the two-branch form;
+    - text guidance (cfg_text > 1): v_text + s_t (v_c - v_text), upstream's CFG;
+    - otherwise v_c alone.
+    Guided results are renormalized globally against v_c, as upstream's "global" renorm.
+    """
+    if cfg_image > 1.0 and v_all is not None:
+        v_cfg = v_all + cfg_text * (v_cond - v_text) + cfg_image * (v_text - v_all)
+    elif cfg_text > 1.0 and v_text is not None:
+        v_cfg = cfg_combine(v_cond, v_text, cfg_text)
+    else:
+        return Velocity(v_cond, v_text, None, None, v_cond, v_all)
+    scale = renorm_scale(v_cond, v_cfg, renorm_min)
+    return Velocity(v_cond, v_text, v_cfg, scale, v_cfg * scale, v_all)
+
+
+def guidance_scales(t: float, params: SamplingParams) -> Tuple[float, float]:
+    """(text, image) scales at step time t: both drop to 1 (off) outside the guidance interval."""
+    if cfg_active(t, params.cfg_interval):
+        return params.cfg_text, params.cfg_image
+    return 1.0, 1.0
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+@dataclass
+class Step:
+    """What the loop yields after each step: `index` steps of `total` are done, `t` is the time this step started
+    from, `latents` (N, 48) float32 the evaluated state after it."""
+
+    index: int
+    total: int
+    t: float
+    latents: mx.array
+
+
+# velocity(x (N, 48), t (scalar or (N,) per token), cfg_text, cfg_image) -> Velocity
+VelocityFn = Callable[[mx.array, object, float, float], Velocity]
+
+
+def denoise(velocity: VelocityFn, x0: mx.array, params: SamplingParams,
+            frozen: Optional[np.ndarray] = None) -> Iterator[Step]:
+    """The denoising loop of every generation task: Euler steps from `x0` (N, 48) over the shifted schedule.
+
+    `frozen` (N,) marks tokens that stay as given, at t = 0, and are never updated (image-to-video's first latent
+    frame); renorm norms still cover every token, as upstream. Yields a `Step` after each step (latents evaluated),
+    so callers can show progress, preview, cancel or stop early by not asking for the next one.
+    """
+    ts, dts = timesteps(params.steps, params.shift)
+    x = x0.astype(mx.float32)
+    fz = None if frozen is None else mx.array(np.asarray(frozen, dtype=bool))
+    for i, (t, dt) in enumerate(zip(ts.tolist(), dts.tolist())):
+        text_scale, image_scale = guidance_scales(t, params)
+        tt = t if fz is None else mx.where(fz, 0.0, t)
+        v = velocity(x, tt, text_scale, image_scale).v
+        x_new = euler_step(x, v, dt)
+        x = x_new if fz is None else mx.where(fz[:, None], x, x_new)
+        mx.eval(x)
+        yield Step(i + 1, params.steps, t, x)

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, List, Optional, Sequence as Seq, Tuple
+from typing import Any, List, Optional, Tuple
+from typing import Sequence as Seq
 
 import numpy as np
 
+from .config import IM_END, IM_START, IMAGE_PAD, NEWLINE, VIDEO_PAD, VISION_END, VISION_START  # noqa: F401
+
 # ---------------------------------------------------------------------------------------------------------------
-# Token ids (Qwen2.5-VL vocabulary; upstream data/data_utils.py::add_special_tokens and inference_lance.py).
-IM_START = 151644  # <|im_start|>
-IM_END = 151645  # <|im_end|>
-VISION_START = 151652  # <|vision_start|>
-VISION_END = 151653  # <|vision_end|>
-IMAGE_PAD = 151655  # <|image_pad|> (never produced by upstream's template)
-VIDEO_PAD = 151656  # <|video_pad|>: upstream's placeholder for images and videos alike
-NEWLINE = 198  # "\n"
+# Template words as Qwen2.5 token ids (checked against the tokenizer in tests/test_sequence.py).
 _SYSTEM = 8948  # "system"
 _USER = 872  # "user"
-_ASSISTANT = 77091  # "assistant"
+ASSISTANT = 77091  # "assistant"
 
 # Modality codes of upstream data/datasets_custom/validation_dataset.py (`modality_map`).
 MODALITY_SYSTEM = -1  # template text
@@ -27,6 +23,9 @@ MODALITY_NOISE = 1  # target latents
 MODALITY_REF_SOURCE = 2  # conditioning latents of edit tasks
 MODALITY_REF_IMAGE = 3  # conditioning latents of identity-preserving tasks
 MODALITY_REF_VIT = 4  # ViT blocks
+# Our image-guidance branch drops the instruction, the conditioning latents and the ViT block; upstream's own
+# version of this branch (cfg_vit) cannot run (docs/editing.md).
+TEXT_AND_VISION = (MODALITY_TEXT, MODALITY_REF_SOURCE, MODALITY_REF_VIT)
 
 # ---------------------------------------------------------------------------------------------------------------
 # System prompts, verbatim from upstream data/common.py::generate_system_prompt (the edit prompts use the
@@ -63,8 +62,10 @@ def caption_system_prompts(vision_type: str = "image") -> List[str]:
 
 
 # Question-answering system prompts of upstream config/examples/x2t_{image,video}_example.json.
-SYSTEM_PROMPT_X2T_IMAGE = "Look at the image carefully and answer the question."
-SYSTEM_PROMPT_X2T_VIDEO = "Watch the video carefully and answer the question."
+QA_SYSTEM_PROMPTS = {
+    "image": "Look at the image carefully and answer the question.",
+    "video": "Watch the video carefully and answer the question.",
+}
 
 SYSTEM_PROMPTS = {
     "t2i": SYSTEM_PROMPT_T2I,
@@ -72,8 +73,8 @@ SYSTEM_PROMPTS = {
     "i2v": SYSTEM_PROMPT_T2V,
     "image_edit": edit_system_prompt("image"),
     "video_edit": edit_system_prompt("video"),
-    "x2t_image": SYSTEM_PROMPT_X2T_IMAGE,
-    "x2t_video": SYSTEM_PROMPT_X2T_VIDEO,
+    "x2t_image": QA_SYSTEM_PROMPTS["image"],
+    "x2t_video": QA_SYSTEM_PROMPTS["video"],
 }
 
 # The same prompts as Qwen2.5-VL token ids (checked against the tokenizer in tests/test_sequence.py), so the
@@ -96,7 +97,7 @@ SYSTEM_PROMPT_IDS["i2v"] = SYSTEM_PROMPT_IDS["t2v"]
 # Fixed pieces of upstream's chat template (data/system_prompt_render.py), rendered then `.strip()`ped.
 HEAD_IDS = [IM_START, _SYSTEM, NEWLINE]  # "<|im_start|>system\n"
 USER_IDS = [IM_END, NEWLINE, IM_START, _USER, NEWLINE]  # "<|im_end|>\n<|im_start|>user\n"
-ASSISTANT_IDS = [IM_END, NEWLINE, IM_START, _ASSISTANT, NEWLINE]  # "<|im_end|>\n<|im_start|>assistant\n"
+ASSISTANT_IDS = [IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]  # "<|im_end|>\n<|im_start|>assistant\n"
 END_IDS = [IM_END]  # the trailing "\n" after the last <|im_end|> is stripped
 
 

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, List, Optional, Sequence as Seq, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Sequence as Seq
 
 import mlx.core as mx
 import numpy as np
 
+from .config import IM_END, IM_START, IMAGE_PAD, MAX_ANSWER_TOKENS, NEWLINE, VIDEO_PAD, VISION_END, VISION_START
 from .llm import KVCache, text_positions
-from .sequence import (IM_END, IM_START, IMAGE_PAD, NEWLINE, VIDEO_PAD, VISION_END, VISION_START, Sequence, Split,
-                       attention_mask, caption_system_prompts, get_rope_index, text_split, vit_split)
+from .sequence import (
+    ASSISTANT,
+    QA_SYSTEM_PROMPTS,
+    Sequence,
+    Split,
+    attention_mask,
+    caption_system_prompts,
+    get_rope_index,
+    text_split,
+    vit_split,
+)
 
-# Upstream inference_lance.py: MAX_GENERATION_LENGTH = 256, do_sample False (greedy).
-MAX_TOKENS = 256
-_ASSISTANT = 77091  # "assistant"
-
-# Question-answering system prompts of upstream config/examples/x2t_{image,video}_example.json.
-QA_SYSTEM_PROMPTS = {
-    "image": "Look at the image carefully and answer the question.",
-    "video": "Watch the video carefully and answer the question.",
-}
+MAX_TOKENS = MAX_ANSWER_TOKENS  # upstream inference_lance.py: MAX_GENERATION_LENGTH = 256, greedy
 
 
 def system_prompt(vision_type: str = "image", question: Optional[str] = None, caption_index: int = 0) -> str:
@@ -120,7 +123,7 @@ def build_prompt(tokenizer, vit_grid: Tuple[int, int, int], vision_type: str = "
             or IMAGE_PAD in ids:
         raise ValueError("the question or system prompt contains vision special tokens (<|vision_start|>, "
                          "<|video_pad|>, <|image_pad|>, <|vision_end|>); remove them")
-    if ids[-3:] != [IM_START, _ASSISTANT, NEWLINE]:
+    if ids[-3:] != [IM_START, ASSISTANT, NEWLINE]:
         raise ValueError("the template did not tokenize to '<|im_start|>assistant\\n' at its end; is this the "
                          "Qwen2.5-VL tokenizer?")
     t, h, w = (int(v) for v in vit_grid)
@@ -286,7 +289,7 @@ def decode_tokens(model, cache: List[KVCache], first_token: int, first_position:
 
 
 def generate(model, prompt: UnderstandingPrompt, tokenizer, max_tokens: int = MAX_TOKENS, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, vocab_limit: Optional[int] = None, keep_logits: bool = False,
+             top_p: float = 1.0, seed: int = 0, keep_logits: bool = False,
              sampler: Optional[Sampler] = None) -> TextStream:
     """Answer a prompt: a TextStream of text pieces whose `.result` holds the full answer and statistics.
 
@@ -303,8 +306,7 @@ def generate(model, prompt: UnderstandingPrompt, tokenizer, max_tokens: int = MA
     if prompt.last_position + max_tokens >= limit:
         raise ValueError(f"the prompt ends at position {prompt.last_position}; with max_tokens {max_tokens} it "
                          f"exceeds the context limit {limit}; use a smaller image/video or fewer tokens")
-    if vocab_limit is None:
-        vocab_limit = len(tokenizer) if tokenizer is not None else model.config.tokenizer_vocab_size
+    vocab_limit = len(tokenizer) if tokenizer is not None else model.config.tokenizer_vocab_size
     return TextStream(_run(model, prompt, tokenizer, int(max_tokens), sampler, int(vocab_limit), keep_logits))
 
 

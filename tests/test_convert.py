@@ -7,19 +7,24 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch
 from mlx.utils import tree_flatten
 
-import convert as convert_cli
-from fixtures import GOLDEN
-from lance_mlx import Lance
-from lance_mlx import sequence as Q
-from lance_mlx import weights as W
-
-import torch
 import tiny_checkpoints as tiny
+from fixtures import GOLDEN
+from lance_mlx import checkpoints, conversion, loading, quantize
+from lance_mlx import cmd_convert as convert_cli
+from lance_mlx import sequence as Q
+from lance_mlx.conversion import ConversionOptions, convert
+from lance_mlx.errors import WeightsError
 
 PROMPT_IDS = [32, 8251, 9982, 264, 22361]
 GRID = (1, 2, 3)
+
+
+def load(path, task, **kw):
+    files = checkpoints.resolve(path, task)
+    return loading.load_components(files, task, **kw)
 
 
 def velocity(model, seed=0, grid=GRID, task="t2i"):
@@ -30,14 +35,14 @@ def velocity(model, seed=0, grid=GRID, task="t2i"):
     return np.array(model.velocity(ctx, x, 0.7, cfg_scale=4.0).v)
 
 
-def vit_features(model):
+def vit_features(c):
     x = mx.array(np.random.default_rng(1).standard_normal((16, 1176)).astype(np.float32))
-    return np.array(model.vit(x, [(1, 4, 4)]).astype(mx.float32))
+    return np.array(c.vit(x, [(1, 4, 4)]).astype(mx.float32))
 
 
-def vae_decode(model):
+def vae_decode(c):
     z = mx.random.normal((1, 2, 2, 3, 48), key=mx.random.key(5))
-    return np.array(model.vae.decode(z, clamp=False))
+    return np.array(c.vae.decode(z, clamp=False))
 
 
 def rel(a, b):
@@ -79,13 +84,13 @@ def video_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def upstream_image(image_root):
-    return Lance.from_pretrained(image_root, task="image_edit", dtype="float32", vae_dtype="float32")
+    return load(image_root, "image_edit", dtype="float32", vae_dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def converted_f32(image_root, tmp_path_factory):
-    return W.convert(image_root, tmp_path_factory.mktemp("c") / "f32", dtype="float32", progress=False,
-                     log=lambda m: None)
+    return convert(image_root, tmp_path_factory.mktemp("c") / "f32", options=ConversionOptions(dtype="float32"),
+                   progress=False, log=lambda m: None)
 
 
 # ------------------------------------------------------------------------------------------- round trips
@@ -96,64 +101,69 @@ def test_image_round_trip_is_exact(upstream_image, converted_f32):
     assert not any(".partial" in f for f in os.listdir(converted_f32.parent))
     cfg = json.loads((converted_f32 / "config.json").read_text())
     assert cfg["mlx_layout"] is True and cfg["quantization"] is None and cfg["vae"]["c_dim"] == 8
-    assert W.locate(converted_f32, "image_edit").layout == "mlx"
+    located = checkpoints.locate(converted_f32, "image_edit")
+    assert located.layout == "mlx" and located.checkpoint == "image"
 
-    conv = Lance.from_pretrained(converted_f32, task="image_edit", dtype="float32", vae_dtype="float32")
-    pu, pc = params(upstream_image), params(conv)
+    conv = load(converted_f32, "image_edit", dtype="float32", vae_dtype="float32")
+    pu, pc = params(upstream_image.model), params(conv.model)
     assert pu.keys() == pc.keys()
     for k in pu:
         np.testing.assert_array_equal(pc[k], pu[k], err_msg=k)
-    np.testing.assert_array_equal(velocity(conv), velocity(upstream_image))
+    np.testing.assert_array_equal(velocity(conv.model), velocity(upstream_image.model))
     np.testing.assert_array_equal(vit_features(conv), vit_features(upstream_image))
     np.testing.assert_array_equal(vae_decode(conv), vae_decode(upstream_image))
 
 
 def test_vae_is_built_from_its_own_weights(upstream_image):
     # the tiny VAE (widths 8/10) loads although the default config describes the released 160/256 one
-    assert upstream_image.config.vae.c_dim == 160
+    assert upstream_image.model.config.vae.c_dim == 160
     assert upstream_image.vae.model.encoder.conv1.weight.shape[0] == tiny.TINY_VAE["c_dim"]
 
 
 def test_video_round_trip_uses_the_bundled_vit(video_root, tmp_path):
-    out = W.convert(video_root, tmp_path / "video", video=True, dtype="float32", progress=False, log=lambda m: None)
+    out = convert(video_root, tmp_path / "video", options=ConversionOptions(video=True, dtype="float32"),
+                  progress=False, log=lambda m: None)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["conversion"]["checkpoint"] == "Lance_3B_Video" and "bundled" in cfg["conversion"]["vit"]
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert not any(k.startswith(("vit_model.", "latent_pos_embed")) for k in index)
+    assert checkpoints.locate(out, "video_edit").checkpoint == "video"
 
-    up = Lance.from_pretrained(video_root, task="video_edit", dtype="float32", vae_dtype="float32")
-    conv = Lance.from_pretrained(out, task="video_edit", dtype="float32", vae_dtype="float32")
+    up = load(video_root, "video_edit", dtype="float32", vae_dtype="float32")
+    conv = load(out, "video_edit", dtype="float32", vae_dtype="float32")
     np.testing.assert_array_equal(vit_features(conv), vit_features(up))
-    np.testing.assert_array_equal(velocity(conv, grid=(2, 2, 2), task="t2v"), velocity(up, grid=(2, 2, 2), task="t2v"))
+    np.testing.assert_array_equal(velocity(conv.model, grid=(2, 2, 2), task="t2v"),
+                                  velocity(up.model, grid=(2, 2, 2), task="t2v"))
     # the bundled tensors (scaled by 1.5 in the fixture) won over Qwen2.5-VL-ViT/vit.safetensors
     golden = mx.load(str(GOLDEN / "vit_tiny.safetensors"))["merger.ln_q.weight"]
     np.testing.assert_allclose(np.array(conv.vit.merger.ln_q.weight), np.array(golden) * 1.5, rtol=1e-6)
 
 
 def test_bfloat16_folder(upstream_image, image_root, tmp_path):
-    out = W.convert(image_root, tmp_path / "bf16", progress=False, log=lambda m: None)  # default bfloat16
-    shard = W.sharded_files(out)[0]
-    dtypes = {v["dtype"] for k, v in W.check_safetensors(shard).items() if k != "__metadata__"}
+    out = convert(image_root, tmp_path / "bf16", progress=False, log=lambda m: None)  # default bfloat16
+    shard = checkpoints.sharded_files(out)[0]
+    dtypes = {v["dtype"] for k, v in checkpoints.check_safetensors(shard).items() if k != "__metadata__"}
     assert dtypes == {"BF16"}
-    assert {v["dtype"] for k, v in W.check_safetensors(out / "vae.safetensors").items() if k != "__metadata__"} == {"F32"}
-    model = Lance.from_pretrained(out, task="t2i")
+    vae_header = checkpoints.check_safetensors(out / "vae.safetensors")
+    assert {v["dtype"] for k, v in vae_header.items() if k != "__metadata__"} == {"F32"}
+    model = load(out, "t2i").model
     assert model.dtype == mx.bfloat16
     v = velocity(model)
-    assert np.isfinite(v).all() and rel(v, velocity(upstream_image)) < 0.05
+    assert np.isfinite(v).all() and rel(v, velocity(upstream_image.model)) < 0.05
 
 
 def test_small_shards_and_the_index(image_root, tmp_path, upstream_image):
-    out = W.convert(image_root, tmp_path / "sharded", dtype="float32", shard_bytes=4 * 2**20, progress=False,
-                    log=lambda m: None)
-    shards = W.sharded_files(out)
+    out = convert(image_root, tmp_path / "sharded", options=ConversionOptions(dtype="float32", shard_bytes=4 * 2**20),
+                  progress=False, log=lambda m: None)
+    shards = checkpoints.sharded_files(out)
     assert len(shards) >= 3
     for p in shards:  # a shard over the limit holds one tensor bigger than the limit (the 39 MB vocabulary tables)
-        names = [k for k in W.check_safetensors(p) if k != "__metadata__"]
+        names = [k for k in checkpoints.check_safetensors(p) if k != "__metadata__"]
         assert p.stat().st_size <= 4 * 2**20 + 2**16 or len(names) == 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in shards}
-    conv = Lance.from_pretrained(out, task="t2i", dtype="float32")
-    np.testing.assert_array_equal(velocity(conv), velocity(upstream_image))
+    conv = load(out, "t2i", dtype="float32")
+    np.testing.assert_array_equal(velocity(conv.model), velocity(upstream_image.model))
 
 
 # ------------------------------------------------------------------------------------------- quantized
@@ -161,13 +171,13 @@ def test_small_shards_and_the_index(image_root, tmp_path, upstream_image):
 @pytest.mark.parametrize("experts", ["all", "und", "gen"])
 def test_quantized_folders_load_and_run(image_root, upstream_image, tmp_path, bits, experts):
     logs = []
-    out = W.convert(image_root, tmp_path / "q", quantize=bits, group_size=32, experts=experts, progress=False,
-                    log=logs.append)
+    out = convert(image_root, tmp_path / "q", options=ConversionOptions(quantize=bits, group_size=32, experts=experts),
+                  progress=False, log=logs.append)
     assert bool(logs) == (experts != "und")  # the generation-expert warning
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization"] == {"bits": bits, "group_size": 32, "experts": experts}
 
-    model = Lance.from_pretrained(out, task="t2i")
+    model = load(out, "t2i").model
     layer = model.language_model.model.layers[0]
     kinds = {name: type(m).__name__ for name, m in (("und", layer.mlp.gate_proj), ("gen", layer.mlp_moe_gen.gate_proj),
                                                      ("und_attn", layer.self_attn.q_proj),
@@ -179,8 +189,8 @@ def test_quantized_folders_load_and_run(image_root, upstream_image, tmp_path, bi
     assert type(model.language_model.model.embed_tokens).__name__ == "Embedding"
 
     # the folder equals quantizing the upstream model in memory (same rule, same rounding)
-    ref = Lance.from_pretrained(image_root, task="t2i")
-    W.quantize_lance(ref, cfg["quantization"])
+    ref = load(image_root, "t2i").model
+    quantize.quantize_lance(ref, cfg["quantization"])
     mine, theirs = params(model), params(ref)
     assert mine.keys() == theirs.keys()
     for k in mine:
@@ -189,13 +199,14 @@ def test_quantized_folders_load_and_run(image_root, upstream_image, tmp_path, bi
     np.testing.assert_array_equal(v, velocity(ref))
     # Loose bound (relative L2 error vs float32) on random tiny weights; measured 0.13-0.21 at 4 bits and
     # 0.01-0.04 at 8 bits (bfloat16 alone: 0.04).
-    assert np.isfinite(v).all() and rel(v, velocity(upstream_image)) < {4: 0.5, 8: 0.1}[bits]
+    assert np.isfinite(v).all() and rel(v, velocity(upstream_image.model)) < {4: 0.5, 8: 0.1}[bits]
 
 
 # ------------------------------------------------------------------------------------------- other MLX ports
 def _stripped_name(k):
     for pre, new in (("language_model.model.", ""), ("language_model.", ""), ("vae2llm.", "vae_in_proj.vae2llm."),
-                     ("time_embedder.mlp.0.", "time_embedder.proj_in."), ("time_embedder.mlp.2.", "time_embedder.proj_out."),
+                     ("time_embedder.mlp.0.", "time_embedder.proj_in."),
+                     ("time_embedder.mlp.2.", "time_embedder.proj_out."),
                      ("llm2vae.", "llm2vae.llm2vae.")):
         if k.startswith(pre):
             return new + k[len(pre):]
@@ -237,22 +248,22 @@ def test_other_mlx_port_layouts(image_root, upstream_image, converted_f32, tmp_p
         assert "decoder.middle.1.to_qkv_weight" in vae and "decoder.head.layer_2.weight" in vae
     mx.save_safetensors(str(d / "vae.safetensors"), vae)
 
-    files = W.locate(d, "t2i")
+    files = checkpoints.locate(d, "t2i")
     assert files.layout == "mlx-other" and files.key_style == style
-    model = Lance.from_pretrained(d, task="t2i", dtype="float32", vae_dtype="float32")
-    np.testing.assert_array_equal(velocity(model), velocity(upstream_image))
+    model = load(d, "t2i", dtype="float32", vae_dtype="float32")
+    np.testing.assert_array_equal(velocity(model.model), velocity(upstream_image.model))
     np.testing.assert_array_equal(vae_decode(model), vae_decode(upstream_image))
 
 
 def test_unknown_layout_names_what_was_found(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     mx.save_safetensors(str(tmp_path / "model.safetensors"), {"transformer.h.0.attn.weight": mx.zeros((2, 2))})
-    with pytest.raises(W.WeightsError, match=r"match no known Lance layout.*transformer\.h\.0\.attn\.weight"):
-        W.locate(tmp_path, "t2i")
-    with pytest.raises(W.WeightsError, match=r"not a Lance model folder.*found \['notes.txt'\]"):
+    with pytest.raises(WeightsError, match=r"match no known Lance layout.*transformer\.h\.0\.attn\.weight"):
+        checkpoints.locate(tmp_path, "t2i")
+    with pytest.raises(WeightsError, match=r"not a Lance model folder.*found \['notes.txt'\]"):
         (tmp_path / "x").mkdir()
         (tmp_path / "x" / "notes.txt").write_text("hi")
-        W.convert(tmp_path / "x", tmp_path / "out", progress=False)
+        convert(tmp_path / "x", tmp_path / "out", progress=False)
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -312,7 +323,7 @@ def test_truncated_safetensors_is_refused(image_root, tmp_path, capsys):
 
 def test_interrupted_conversion_leaves_nothing(image_root, tmp_path, monkeypatch):
     calls = []
-    real = W._write_safetensors
+    real = conversion._write_safetensors
 
     def flaky(path, tensors, metadata):
         calls.append(path.name)
@@ -320,23 +331,107 @@ def test_interrupted_conversion_leaves_nothing(image_root, tmp_path, monkeypatch
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the LLM shards were written
         real(path, tensors, metadata)
 
-    monkeypatch.setattr(W, "_write_safetensors", flaky)
+    monkeypatch.setattr(conversion, "_write_safetensors", flaky)
     dest = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        W.convert(image_root, dest, progress=False)
+        convert(image_root, dest, progress=False)
     assert calls == ["vae.safetensors", "model-00001-of-00001.safetensors"]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_not_enough_disk_space(image_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(W.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
-    with pytest.raises(W.WeightsError, match=r"not enough disk space.*needs about 0\.0[0-9] GB.*0\.00 GB free"):
-        W.convert(image_root, tmp_path / "out", dtype="float32", progress=False)
+    monkeypatch.setattr(conversion.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    with pytest.raises(WeightsError, match=r"not enough disk space.*needs about 0\.0[0-9] GB.*0\.00 GB free"):
+        convert(image_root, tmp_path / "out", options=ConversionOptions(dtype="float32"), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_requantizing_a_quantized_folder_is_refused(image_root, tmp_path):
-    q = W.convert(image_root, tmp_path / "q", quantize=8, group_size=32, experts="und", progress=False,
-                  log=lambda m: None)
-    with pytest.raises(W.WeightsError, match="already quantized"):
-        W.convert(q, tmp_path / "again", quantize=4, progress=False)
+    q = convert(image_root, tmp_path / "q", options=ConversionOptions(quantize=8, group_size=32, experts="und"),
+                progress=False, log=lambda m: None)
+    with pytest.raises(WeightsError, match="already quantized"):
+        convert(q, tmp_path / "again", options=ConversionOptions(quantize=4), progress=False)
+
+
+# ------------------------------------------------------------------------------------------- --force ownership
+def tree_hash(root):
+    """sha256 over every path below `root` (relative name, kind, bytes of files)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(b"L" if p.is_symlink() else b"D" if p.is_dir() else b"F")
+        if p.is_file() and not p.is_symlink():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["foreign", "extra_file", "no_conversion_record"])
+def test_force_leaves_a_folder_convert_did_not_write_alone(image_root, tmp_path, capsys, kind):
+    dest = tmp_path / "mine"
+    if kind == "foreign":
+        (dest / "photos").mkdir(parents=True)
+        (dest / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+        (dest / "notes.txt").write_text("keep me")
+    else:  # what an earlier conversion writes, plus something of the user's, or a config.json of another tool
+        dest.mkdir()
+        cfg = {"mlx_layout": True, "conversion": {"source": "x"}}
+        if kind == "no_conversion_record":
+            cfg = {"mlx_layout": True}
+        (dest / "config.json").write_text(json.dumps(cfg))
+        (dest / "model-00001-of-00001.safetensors").write_bytes(b"weights")
+        if kind == "extra_file":
+            (dest / "notes.txt").write_text("keep me")
+    before = tree_hash(dest)
+    for force in ([], ["--force"]):
+        code, err = run_cli(["--model", str(image_root), "--out", str(dest), *force], capsys)
+        assert code == 2 and str(dest) in err and "not written by convert.py" in err and "new destination" in err
+        assert tree_hash(dest) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left beside it
+
+
+def test_ownership_is_checked_before_the_source_is_read(tmp_path, capsys):
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("keep me")
+    code, err = run_cli(["--model", str(tmp_path / "no_such_model"), "--out", str(dest), "--force"], capsys)
+    assert code == 2 and "not written by convert.py" in err and "no_such_model" not in err
+
+
+@pytest.mark.parametrize("out", [".", "..", "~", "/"])
+def test_current_parent_home_and_root_are_refused(tmp_path, monkeypatch, capsys, out):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = tree_hash(tmp_path)
+    code, err = run_cli(["--model", str(tmp_path / "no_such_model"), "--out", out, "--force"], capsys)
+    assert code == 2 and "refusing" in err and "new destination" in err
+    assert tree_hash(tmp_path) == before
+
+
+def test_force_replaces_an_earlier_conversion(image_root, tmp_path, capsys):
+    dest = tmp_path / "out"
+    old = convert(image_root, dest, options=ConversionOptions(dtype="float32", shard_bytes=4 * 2**20),
+                  progress=False, log=lambda m: None)
+    assert len(checkpoints.sharded_files(old)) >= 3
+    assert convert_cli.main(["--model", str(image_root), "--out", str(dest), "--force"]) == 0
+    assert json.loads((dest / "config.json").read_text())["conversion"]["dtype"] == "bfloat16"
+    assert sorted(p.name for p in dest.glob("model-*")) == ["model-00001-of-00001.safetensors"]  # no stale shard
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # neither the old folder nor a temporary one
+
+
+def test_failed_forced_conversion_leaves_the_earlier_one(image_root, converted_f32, tmp_path, monkeypatch):
+    dest = tmp_path / "out"
+    shutil.copytree(converted_f32, dest)
+    before = tree_hash(dest)
+
+    def broken(path, tensors, metadata):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(conversion, "_write_safetensors", broken)
+    with pytest.raises(OSError):
+        convert(image_root, dest, options=ConversionOptions(force=True), progress=False)
+    assert tree_hash(dest) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

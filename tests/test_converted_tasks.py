@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lance_mlx import weights as W
+from lance_mlx import checkpoints
 from lance_mlx.media import read_video, save_image, save_video
-from tiny_checkpoints import write_tiny_upstream_root
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def d(tmp_path_factory):
+def d(tmp_path_factory, converted):
     d = tmp_path_factory.mktemp("converted_tasks")
-    up = write_tiny_upstream_root(d / "upstream")
-    write_tiny_upstream_root(d / "upstream", video=True)
-    W.convert(up, d / "image", video=False, dtype="float32", progress=False, log=lambda m: None)
-    W.convert(up, d / "video", video=True, dtype="float32", progress=False, log=lambda m: None)
+    for kind, folder in converted.items():
+        (d / kind).symlink_to(folder, target_is_directory=True)
     rng = np.random.default_rng(0)
     save_image((rng.random((32, 48, 3)) * 255).astype(np.uint8), d / "in.png")
     save_video([(rng.random((32, 48, 3)) * 255).astype(np.uint8) for _ in range(5)], d / "in.mp4", fps=12)
@@ -31,15 +28,16 @@ def d(tmp_path_factory):
 
 def run(d, script, folder, *args):
     r = subprocess.run([sys.executable, str(ROOT / script), "--model", str(d / folder), "--dtype", "float32", *args],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       check=False, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and "peak memory" in r.stderr
     return r
 
 
 def test_converted_folders_are_marked(d):
-    assert W.locate(d / "image", "image_edit").layout == "mlx"
-    assert W.locate(d / "video", "video_edit").layout == "mlx"
+    assert checkpoints.locate(d / "image", "image_edit").layout == "mlx"
+    assert checkpoints.locate(d / "video", "video_edit").layout == "mlx"
 
 
 def test_text_to_image(d):

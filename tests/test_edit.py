@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lance_mlx import editing as E
+from lance_mlx import conditioning as C
 from lance_mlx import sampler as S
 from lance_mlx import sequence as Q
+from lance_mlx.config import SamplingParams
 from lance_mlx.lance import Lance
 from lance_mlx.processing import Preset, preprocess_image
-from tiny_checkpoints import tiny_lance
+from lance_mlx.tasks import ImageEdit, Posterior
+from tiny_checkpoints import tiny_pipeline
 
 INSTR = [32, 8251, 9982]  # three instruction tokens
 ATOL = 1e-4  # float32 single forwards (tests/golden/README.md)
@@ -18,8 +20,13 @@ TINY_IMAGE = Preset("tiny_image", 48, 56)  # 48x32 source -> 4:3 buckets: VAE 64
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_lance()
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def model(pipe):
+    return pipe.model
 
 
 def source_image(seed=0, size=(32, 48)):
@@ -31,7 +38,7 @@ def edit_seq(model, vit_grid=(1, 3, 4), lat=(1, 2, 3), seed=0, vision_type="imag
     k = int(np.prod(vit_grid))
     emb = mx.array(rng.standard_normal((k, model.config.llm.hidden_size)).astype(np.float32))
     cond = mx.array(rng.standard_normal((1, *lat, 48)).astype(np.float32))
-    return E.build_edit_sequence(INSTR, emb, vit_grid, cond, vision_type)
+    return C.EditInputs(emb, vit_grid, cond).sequence(INSTR, vision_type)
 
 
 def rows(pos, start, n):
@@ -66,7 +73,7 @@ def test_image_edit_positions_worked_example(model):
     assert uncond.context_positions[3].T.tolist() == [[p] * 3 for p in range(78, 83)]  # conditional ids kept
     np.testing.assert_array_equal(uncond.noise_positions, cond)
 
-    vis = seq.branch(E.TEXT_AND_VISION)  # our image-CFG branch: instruction, ViT and cond latents dropped
+    vis = seq.branch(Q.TEXT_AND_VISION)  # our image-CFG branch: instruction, ViT and cond latents dropped
     assert [int(s.modality[0]) for s in vis.context] == [-1, -1]
     assert vis.context_positions[1].T.tolist() == [[p] * 3 for p in range(78, 83)]
     noise = vis.noise_positions  # recomputed on [A, E, F, G]: VS at 64 + 5 = 69, no shift left to apply
@@ -107,10 +114,10 @@ def test_routing_of_the_conditioning_block(model):
 @pytest.mark.parametrize("t", [0.7, 1.0])
 def test_image_edit_cached_equals_uncached(model, t):
     seq = edit_seq(model)
-    ectx = E.prepare_edit(model, seq, cfg_scale=4.0, image_cfg_scale=1.5)
+    ctx = model.prepare_generation(seq, cfg=True, image_cfg=True)
     x = mx.random.normal((6, 48), key=mx.random.key(1))
-    v = E.guided_velocity(model, ectx, x, t, 4.0, 1.5)
-    refs = [model.velocity_uncached(seq.branch(drop), x, t) for drop in ((), (Q.MODALITY_TEXT,), E.TEXT_AND_VISION)]
+    v = model.velocity(ctx, x, t, 4.0, 1.5)
+    refs = [model.velocity_uncached(seq.branch(drop), x, t) for drop in ((), (Q.MODALITY_TEXT,), Q.TEXT_AND_VISION)]
     for got, ref in zip((v.v_cond, v.v_uncond, v.v_uncond_all), refs):
         np.testing.assert_allclose(np.array(got), np.array(ref), atol=ATOL, rtol=ATOL)
     assert float(mx.abs(v.v_cond - v.v_uncond).max()) > 1e-3  # the branches really differ
@@ -123,14 +130,15 @@ def test_image_edit_cached_equals_uncached(model, t):
 
 def test_image_scale_one_is_upstream_two_component(model):
     seq = edit_seq(model)
-    ectx = E.prepare_edit(model, seq, 4.0, 1.0)
-    assert ectx.vision is None
+    ctx = model.prepare_generation(seq, cfg=True)
+    assert ctx.vision is None
     x = mx.random.normal((6, 48), key=mx.random.key(2))
-    v = E.guided_velocity(model, ectx, x, 0.8, 4.0, 1.0)
-    ref = model.velocity(ectx.gen, x, 0.8, 4.0)
+    v = model.velocity(ctx, x, 0.8, 4.0, 1.0)
+    ref = S.guide(model._v(model.noise_query(ctx, ctx.cond, model.noise_inputs(ctx, x, 0.8))),
+                  model._v(model.noise_query(ctx, ctx.uncond, model.noise_inputs(ctx, x, 0.8))), None, 4.0, 1.0)
     np.testing.assert_array_equal(np.array(v.v), np.array(ref.v))
     # with the third branch built, s_img = 1 collapses to the same two-component velocity
-    v3 = E.guided_velocity(model, E.prepare_edit(model, seq, 4.0, 1.5), x, 0.8, 4.0, 1.0)
+    v3 = model.velocity(model.prepare_generation(seq, cfg=True, image_cfg=True), x, 0.8, 4.0, 1.0)
     np.testing.assert_allclose(np.array(v3.v), np.array(ref.v), atol=1e-5)
 
 
@@ -144,67 +152,71 @@ def test_contexts_prefilled_once_per_branch(model, monkeypatch):
 
     monkeypatch.setattr(Lance, "prefill", counting)
     seq = edit_seq(model)
-    ectx = E.prepare_edit(model, seq, 4.0, 2.0)
-    E.sample_guided(model, ectx, mx.zeros((6, 48)), num_steps=3, cfg_scale=4.0, image_cfg_scale=2.0)
+    ctx = model.prepare_generation(seq, cfg=True, image_cfg=True)
+    params = SamplingParams(steps=3, cfg_text=4.0, cfg_image=2.0)
+    list(S.denoise(lambda x, t, s_t, s_i: model.velocity(ctx, x, t, s_t, s_i), mx.zeros((6, 48)), params))
     assert calls == [5, 4, 2]  # cond [A B C D E], text-dropped [A B C E], text-and-vision-dropped [A E]
     # the conditioning latent is one array shared by the branches (encoded once)
-    assert ectx.gen.cond.branch.context[2] is ectx.gen.uncond.branch.context[2]
+    assert ctx.cond.branch.context[2] is ctx.uncond.branch.context[2]
 
 
 def test_guided_loop_equals_generate_without_image_cfg(model):
     seq = edit_seq(model)
     noise = mx.random.normal((6, 48), key=mx.random.key(3))
-    ref = model.generate(seq, num_steps=3, noise=noise)
-    ectx = E.prepare_edit(model, seq, S.CFG_SCALE, 1.0)
-    got = E.sample_guided(model, ectx, noise, num_steps=3)
+    params = SamplingParams(steps=3, noise=noise)
+    ref = model.generate(seq, params)
+    ctx3 = model.prepare_generation(seq, cfg=True, image_cfg=True)  # third branch built, image scale 1
+    got = list(S.denoise(lambda x, t, s_t, s_i: model.velocity(ctx3, x, t, s_t, 1.0), noise, params))[-1].latents
     np.testing.assert_allclose(np.array(got).reshape(ref.shape), np.array(ref), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- API
-def test_posterior_sample_and_mean(model):
+def test_posterior_sample_and_mean(pipe):
     visual = preprocess_image(Image.fromarray(source_image()), TINY_IMAGE)
     assert visual.vae_pixels.shape == (1, 48, 64, 3) and visual.grid_thw == (1, 2, 4)
-    a = E.encode_edit_inputs(model, visual, sample_posterior=True, posterior_seed=7)
-    b = E.encode_edit_inputs(model, visual, sample_posterior=True, posterior_seed=7)
-    c = E.encode_edit_inputs(model, visual, sample_posterior=True, posterior_seed=8)
-    mean = E.encode_edit_inputs(model, visual, sample_posterior=False)
+    a = C.encode_edit_inputs(pipe.vit, pipe.vae, visual, sample_posterior=True, posterior_seed=7)
+    b = C.encode_edit_inputs(pipe.vit, pipe.vae, visual, sample_posterior=True, posterior_seed=7)
+    c = C.encode_edit_inputs(pipe.vit, pipe.vae, visual, sample_posterior=True, posterior_seed=8)
+    mean = C.encode_edit_inputs(pipe.vit, pipe.vae, visual, sample_posterior=False)
     assert a.vit_grid == (1, 1, 2) and a.vit_embeds.shape == (2, 64) and a.latent_shape == (1, 3, 4)
     np.testing.assert_array_equal(np.array(a.cond_latent), np.array(b.cond_latent))
     assert float(mx.abs(a.cond_latent - c.cond_latent).max()) > 1e-3
     # sample = mu_n + exp(0.5 log_var) eps (log_var raw), eps from the posterior key
-    mu, log_var = model.vae.encode(mx.array(visual.vae_pixels)[None], return_log_var=True)
-    eps = mx.random.normal(mu.shape, key=E.posterior_keys(7)[1])
+    mu, log_var = pipe.vae.encode(mx.array(visual.vae_pixels)[None], return_log_var=True)
+    eps = mx.random.normal(mu.shape, key=C.posterior_keys(7)[1])
     np.testing.assert_allclose(np.array(a.cond_latent), np.array(mu + mx.exp(0.5 * log_var) * eps), atol=1e-5)
     np.testing.assert_allclose(np.array(mean.cond_latent), np.array(mu), atol=1e-6)
 
 
-def test_edit_image_api(model):
+def test_edit_image_api(pipe):
     img = source_image()
-    kw = dict(num_steps=2, preset=TINY_IMAGE)
-    out = model.edit_image(img, "make it pink", **kw)
+    out = pipe.edit_image(img, "make it pink", steps=2, preset=TINY_IMAGE)
     assert isinstance(out, Image.Image) and out.size == (64, 48)
-    lat = model.edit_image(img, "make it pink", decode=False, **kw)
+
+    def latents(posterior=Posterior(), **sampling):
+        return pipe.latents(ImageEdit(img, "make it pink", TINY_IMAGE, SamplingParams(steps=2, **sampling), posterior))
+
+    lat = latents()
     assert lat.shape == (1, 1, 3, 4, 48)
-    np.testing.assert_array_equal(np.asarray(out), model.decode_latents(lat)[0])  # seeded: reproducible
+    np.testing.assert_array_equal(np.asarray(out), pipe.decode(lat)[0])  # seeded: reproducible
     noise = mx.random.normal((1, 1, 3, 4, 48), key=mx.random.key(5))
-    a = model.edit_image(img, "make it pink", noise=noise, decode=False, sample_posterior=False, **kw)
-    b = model.edit_image(img, "make it pink", noise=noise, decode=False, sample_posterior=False,
-                         posterior_seed=99, **kw)
+    a = latents(Posterior(sample=False), noise=noise)
+    b = latents(Posterior(sample=False, seed=99), noise=noise)
     np.testing.assert_array_equal(np.array(a), np.array(b))  # the mean ignores the posterior seed
-    c = model.edit_image(img, "make it pink", noise=noise, decode=False, image_cfg_scale=2.0, **kw)
+    c = latents(noise=noise, cfg_image=2.0)
     assert c.shape == a.shape and bool(mx.isfinite(c).all())
 
 
 @pytest.mark.parametrize("instruction", ["", "   ", None])
-def test_empty_instruction(model, instruction):
+def test_empty_instruction(pipe, instruction):
     with pytest.raises(ValueError, match="instruction is empty"):
-        model.edit_image(source_image(), instruction, num_steps=1, preset=TINY_IMAGE)
+        pipe.edit_image(source_image(), instruction, steps=1, preset=TINY_IMAGE)
 
 
-def test_unreadable_image(model, tmp_path):
+def test_unreadable_image(pipe, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="not a readable image"):
-        model.edit_image(bad, "make it pink", num_steps=1, preset=TINY_IMAGE)
+        pipe.edit_image(bad, "make it pink", steps=1, preset=TINY_IMAGE)
     with pytest.raises(FileNotFoundError, match="not found"):
-        model.edit_image(tmp_path / "missing.png", "make it pink", num_steps=1, preset=TINY_IMAGE)
+        pipe.edit_image(tmp_path / "missing.png", "make it pink", steps=1, preset=TINY_IMAGE)

@@ -10,16 +10,14 @@ import pytest
 from PIL import Image
 
 from lance_mlx.media import read_video, save_image, save_video
-from tiny_checkpoints import write_tiny_upstream_root
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, upstream_root):
     d = tmp_path_factory.mktemp("edit_cli")
-    write_tiny_upstream_root(d / "model")
-    write_tiny_upstream_root(d / "model", video=True)
+    (d / "model").symlink_to(upstream_root, target_is_directory=True)
     rng = np.random.default_rng(0)
     save_image((rng.random((32, 48, 3)) * 255).astype(np.uint8), d / "img.png")
     save_video([(rng.random((32, 48, 3)) * 255).astype(np.uint8) for _ in range(5)], d / "clip.mp4", fps=12)

@@ -7,8 +7,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from lance_mlx.config import LLMConfig
-from lance_mlx.llm import (KVCache, Qwen2ForCausalLM, Routing, apply_rope, mrope_cos_sin, rope_inv_freq,
-                           text_positions)
+from lance_mlx.llm import KVCache, Qwen2ForCausalLM, Routing, apply_rope, mrope_cos_sin, rope_inv_freq, text_positions
 from lance_mlx.sequence import attention_mask
 
 ARGS = LLMConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -1,58 +1,57 @@
-"""Lance.from_pretrained on the upstream layout: components per task, dtype handling, size checks."""
+"""LancePipeline.from_pretrained on the upstream layout: components per task, dtype handling, size checks."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from lance_mlx import Lance
-from lance_mlx.config import LanceConfig
-from lance_mlx.pipelines import check_image_size
-from tiny_checkpoints import write_tiny_upstream_root
-
+from lance_mlx import Lance, LancePipeline
+from lance_mlx.tasks import latent_grid
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return write_tiny_upstream_root(tmp_path_factory.mktemp("pipelines"))
+def root(upstream_root):
+    return upstream_root
 
 
 def test_components_follow_the_task(root):
-    t2i = Lance.from_pretrained(root, task="t2i", dtype="float32")
+    t2i = LancePipeline.from_pretrained(root, task="t2i", dtype="float32")
     assert t2i.vae is not None and t2i.vit is None and len(t2i.tokenizer) == 151665
-    x2t = Lance.from_pretrained(root, task="x2t_image", dtype="float32")
+    x2t = LancePipeline.from_pretrained(root, task="x2t_image", dtype="float32")
     assert x2t.vit is not None and x2t.vae is None
     with pytest.raises(ValueError, match="has no vae"):
         x2t.generate_image("a cat", width=32, height=32)
 
 
 def test_bf16_load_rounds_rope_frequencies_like_upstream(root):
-    m = Lance.from_pretrained(root, task="t2i", dtype="bfloat16")
+    m = LancePipeline.from_pretrained(root, task="t2i", dtype="bfloat16").model
     assert m.language_model.model.rope_bf16_inv_freq is True
     assert m.language_model.model.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16
-    assert Lance.from_pretrained(root, task="t2i", dtype="float32").language_model.model.rope_bf16_inv_freq is False
-    assert Lance.from_pretrained(root, task="t2i", dtype="bfloat16", rope_bf16=False) \
+    assert LancePipeline.from_pretrained(root, task="t2i", dtype="float32").model \
+        .language_model.model.rope_bf16_inv_freq is False
+    assert LancePipeline.from_pretrained(root, task="t2i", dtype="bfloat16", rope_bf16=False).model \
         .language_model.model.rope_bf16_inv_freq is False
 
 
 def test_generate_image_is_sample_t2i_then_decode(root):
-    m = Lance.from_pretrained(root, task="t2i", dtype="float32")
+    m = LancePipeline.from_pretrained(root, task="t2i", dtype="float32")
     noise = mx.random.normal((1, 1, 2, 3, 48), key=mx.random.key(3))
-    img = m.generate_image("a red fox", width=48, height=32, num_steps=2, noise=noise)
-    latent = m.sample_t2i(prompt="a red fox", tokenizer=m.tokenizer, latent_shape=(1, 2, 3), num_steps=2, noise=noise)
+    img = m.generate_image("a red fox", width=48, height=32, steps=2, noise=noise)
+    latent = m.model.sample_t2i(prompt="a red fox", tokenizer=m.tokenizer, latent_shape=(1, 2, 3), num_steps=2,
+                                noise=noise)
     assert img.size == (48, 32)
-    assert np.array_equal(np.asarray(img), m.decode_latents(latent)[0])
+    assert np.array_equal(np.asarray(img), m.decode(latent)[0])
 
 
 @pytest.mark.parametrize("w,h,msg", [(30, 32, "use e.g. 16 or 32"), (32, 0, "not a positive multiple"),
                                      (1040, 32, "above 1024")])
 def test_output_size_errors(w, h, msg):
     with pytest.raises(ValueError, match=msg):
-        check_image_size(w, h, LanceConfig())
-    assert check_image_size(1024, 576, LanceConfig()) == (36, 64)
+        latent_grid(w, h)
+    assert latent_grid(1024, 576) == (36, 64)
 
 
 def test_empty_prompt(root):
-    m = Lance.from_pretrained(root, task="t2i", dtype="float32")
+    m = LancePipeline.from_pretrained(root, task="t2i", dtype="float32")
     with pytest.raises(ValueError, match="prompt is empty"):
         m.generate_image("   ", width=32, height=32)
 

@@ -1,12 +1,12 @@
 """Quantization of the LLM linears: which modules, option checks, weight-driven structure, error vs float32."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx import nn
 
+from lance_mlx import quantize
 from lance_mlx import sequence as Q
-from lance_mlx import weights as W
 from tiny_checkpoints import tiny_lance
 
 PROMPT_IDS = [32, 8251, 9982, 264, 22361]
@@ -29,13 +29,13 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def reference():
-    return outputs(tiny_lance(components=False))
+    return outputs(tiny_lance())
 
 
 @pytest.mark.parametrize("experts", ["all", "und", "gen"])
 def test_only_the_selected_expert_linears(experts):
-    model = tiny_lance(components=False)
-    W.quantize_lance(model, {"bits": 4, "group_size": 32, "experts": experts})
+    model = tiny_lance()
+    quantize.quantize_lance(model, {"bits": 4, "group_size": 32, "experts": experts})
     got = quantized_paths(model)
     layers = model.config.llm.num_hidden_layers
     und = {f"language_model.model.layers.{i}.{n}" for i in range(layers)
@@ -51,8 +51,8 @@ def test_only_the_selected_expert_linears(experts):
 
 
 def test_group_size_that_does_not_divide_leaves_the_linear_alone():
-    model = tiny_lance(components=False)  # hidden 64, intermediate 128
-    W.quantize_lance(model, {"bits": 8, "group_size": 128, "experts": "und"})
+    model = tiny_lance()  # hidden 64, intermediate 128
+    quantize.quantize_lance(model, {"bits": 8, "group_size": 128, "experts": "und"})
     got = quantized_paths(model)
     assert got == {f"language_model.model.layers.{i}.mlp.down_proj" for i in range(3)}
 
@@ -65,34 +65,34 @@ def test_group_size_that_does_not_divide_leaves_the_linear_alone():
 ])
 def test_bad_options(q, match):
     with pytest.raises(ValueError, match=match):
-        W.check_quantization(q)
+        quantize.check_quantization(q)
     with pytest.raises(ValueError, match=match):
-        W.quantize_lance(tiny_lance(components=False), q)
-    assert W.check_quantization(None) is None
-    assert W.check_quantization({"bits": 8}) == {"bits": 8, "group_size": 64, "experts": "all"}
+        quantize.quantize_lance(tiny_lance(), q)
+    assert quantize.check_quantization(None) is None
+    assert quantize.check_quantization({"bits": 8}) == {"bits": 8, "group_size": 64, "experts": "all"}
 
 
 def test_structure_follows_the_weights_when_given():
-    model = tiny_lance(components=False)
+    model = tiny_lance()
     key = "language_model.model.layers.1.mlp_moe_gen.up_proj"
     weights = {f"{key}.scales": None, f"{key}.biases": None, f"{key}.weight": None}
-    W.quantize_lance(model, {"bits": 8, "group_size": 32, "experts": "und"}, weights=weights)  # the file wins
+    quantize.quantize_lance(model, {"bits": 8, "group_size": 32, "experts": "und"}, weights=weights)  # the file wins
     assert quantized_paths(model) == {key}
 
 
 def test_warning_only_for_the_generation_expert():
-    assert "generation expert" in W.quantization_warning("all")
-    assert "generation expert" in W.quantization_warning("gen")
-    assert W.quantization_warning("und") is None
+    assert "generation expert" in quantize.quantization_warning("all")
+    assert "generation expert" in quantize.quantization_warning("gen")
+    assert quantize.quantization_warning("und") is None
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("experts", ["all", "und", "gen"])
 def test_error_against_float32(reference, bits, experts):
-    model = tiny_lance(components=False)
-    full = W.weight_bytes(model)
-    W.quantize_lance(model, {"bits": bits, "group_size": 32, "experts": experts})
-    assert W.weight_bytes(model) < full
+    model = tiny_lance()
+    full = quantize.weight_bytes(model)
+    quantize.quantize_lance(model, {"bits": bits, "group_size": 32, "experts": experts})
+    assert quantize.weight_bytes(model) < full
     v, logits = outputs(model)
     v_ref, logits_ref = reference
     assert np.isfinite(v).all() and np.isfinite(logits).all()
@@ -107,8 +107,8 @@ def test_error_against_float32(reference, bits, experts):
 def test_dequantized_weights_give_the_quantized_outputs():
     """bench/quantize.py measures errors with dequantized weights (MLX's CPU quantized matmul is slow); that is
     the same computation as the quantized layers, up to float32 rounding."""
-    model = tiny_lance(components=False)
-    W.quantize_lance(model, {"bits": 4, "group_size": 32, "experts": "all"})
+    model = tiny_lance()
+    quantize.quantize_lance(model, {"bits": 4, "group_size": 32, "experts": "all"})
     v, logits = outputs(model)
     for path, m in list(model.named_modules()):
         if isinstance(m, nn.QuantizedLinear):

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from fixtures import GOLDEN, golden_lance_weights
 from lance_mlx import sampler as S
 from lance_mlx import sequence as Q
+from lance_mlx.config import SamplingParams
 from lance_mlx.lance import Lance, LanceConfig, TimestepEmbedder
 
 PROMPT = 'A cat holds a poster with rainbow text "STOP"'
@@ -185,7 +186,7 @@ def test_generate_with_frozen_first_frame(model):
     seq = Q.generation_sequence("i2v", [32, 8251], (2, 2, 2))
     noise = mx.random.normal((8, 48), key=mx.random.key(9))
     frozen = np.array([True] * 4 + [False] * 4)
-    lat = model.generate(seq, num_steps=3, noise=noise, frozen=frozen)
+    lat = model.generate(seq, SamplingParams(steps=3, noise=noise), frozen=frozen)
     assert lat.shape == (1, 2, 2, 2, 48)
     out = np.array(lat).reshape(8, 48)
     np.testing.assert_array_equal(out[:4], np.array(noise)[:4])

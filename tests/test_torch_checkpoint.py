@@ -8,10 +8,9 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from lance_mlx.torch_checkpoint import CheckpointError, UnsafeCheckpointError, load_torch_checkpoint
-
-import torch
 
 
 def _write_archive(path, pickled: bytes, records=None):

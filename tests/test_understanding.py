@@ -13,7 +13,7 @@ from lance_mlx import sequence as Q
 from lance_mlx import understanding as U
 from lance_mlx.config import LanceConfig, ViTConfig
 from lance_mlx.lance import Lance
-from lance_mlx.pipelines import LancePipelines
+from lance_mlx.pipeline import LancePipeline
 from lance_mlx.processing import preprocess_image, preprocess_video
 from lance_mlx.vit import VisionTransformer, sanitize_vit_weights
 
@@ -271,8 +271,7 @@ def pipeline_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("x2t")
     write_golden_lance_folder(root / "Lance_3B")
     write_golden_vit_folder(root / "Qwen2.5-VL-ViT")
-    cls = Lance if issubclass(Lance, LancePipelines) else type("Lance", (LancePipelines, Lance), {})
-    return cls.from_pretrained(root / "Lance_3B", task="x2t_image", dtype="float32")
+    return LancePipeline.from_pretrained(root / "Lance_3B", task="x2t_image", dtype="float32")
 
 
 def test_understand_api(pipeline_model):

@@ -5,18 +5,29 @@ import zipfile
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch
 from mlx.utils import tree_flatten
 
 from lance_mlx.torch_checkpoint import CheckpointError, load_torch_checkpoint
 from lance_mlx.vae_wan22 import (
-    LATENTS_MEAN, LATENTS_STD, VAEInputError, Wan2_2_VAE, WeightsMismatchError, _patchify, infer_vae_config,
+    LATENTS_MEAN,
+    LATENTS_STD,
+    VAEInputError,
+    Wan2_2_VAE,
+    WeightsMismatchError,
+    _patchify,
+    infer_vae_config,
     sanitize_vae_weights,
 )
 from vae_reference import (
-    RELEASE, SMALL, load_reference_module, random_reference_vae, reference_encode, rel_err, to_channels_last,
+    RELEASE,
+    SMALL,
+    load_reference_module,
+    random_reference_vae,
+    reference_encode,
+    rel_err,
+    to_channels_last,
 )
-
-import torch
 
 # Parity tolerance: max-abs-diff / max-abs-reference (float32 on both sides; observed ~1e-6).
 TOL = 1e-4

@@ -31,30 +31,39 @@ def write_tiny_upstream_root(dest, video: bool = False) -> Path:
     return dest
 
 
-def tiny_lance(components: bool = True):
-    """The golden tiny Lance (float32) in memory; with `components`, the real tokenizer, the golden tiny ViT and a
-    random MLX tiny VAE attached (no torch needed)."""
+def tiny_lance():
+    """The golden tiny Lance model (float32) in memory, no other component."""
     import json
 
     import mlx.core as mx
 
     from fixtures import GOLDEN, golden_lance_weights
-    from lance_mlx.config import ViTConfig
     from lance_mlx.lance import Lance, LanceConfig
 
     model = Lance(LanceConfig.from_dict(json.loads((GOLDEN / "llm_config.json").read_text())))
     model.load_weights([(k, mx.array(v)) for k, v in Lance.sanitize(golden_lance_weights()).items()], strict=True)
     mx.eval(model.parameters())
-    if components:
-        from transformers import AutoTokenizer
-
-        from lance_mlx.vae_wan22 import Wan2_2_VAE
-        from lance_mlx.vit import load_vit
-
-        mx.random.seed(0)
-        vae = Wan2_2_VAE(**TINY_VAE)
-        mx.eval(vae.model.parameters())
-        vit = load_vit(GOLDEN / "vit_tiny.safetensors",
-                       ViTConfig.from_dict(json.loads((GOLDEN / "vit_config.json").read_text())))
-        model.attach(tokenizer=AutoTokenizer.from_pretrained(str(GOLDEN / "tokenizer")), vit=vit, vae=vae)
     return model
+
+
+def tiny_pipeline(checkpoint=None):
+    """A LancePipeline of the golden tiny Lance with the real tokenizer, the golden tiny ViT and a random MLX tiny
+    VAE (no torch needed). `checkpoint` ("image" / "video") marks which upstream checkpoint it stands for."""
+    import json
+
+    import mlx.core as mx
+    from transformers import AutoTokenizer
+
+    from fixtures import GOLDEN
+    from lance_mlx.config import ViTConfig
+    from lance_mlx.pipeline import LancePipeline
+    from lance_mlx.vae_wan22 import Wan2_2_VAE
+    from lance_mlx.vit import load_vit
+
+    mx.random.seed(0)
+    vae = Wan2_2_VAE(**TINY_VAE)
+    mx.eval(vae.model.parameters())
+    vit = load_vit(GOLDEN / "vit_tiny.safetensors",
+                   ViTConfig.from_dict(json.loads((GOLDEN / "vit_config.json").read_text())))
+    tokenizer = AutoTokenizer.from_pretrained(str(GOLDEN / "tokenizer"))
+    return LancePipeline(tiny_lance(), tokenizer, vit, vae, checkpoint=checkpoint)

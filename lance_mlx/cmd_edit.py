@@ -1,0 +1,87 @@
+"""Image and video editing with Lance on MLX."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cli import (
+    PhaseTimer,
+    add_model_args,
+    add_output_args,
+    add_posterior_args,
+    add_sampling_args,
+    main_guard,
+    posterior_from_args,
+    run_steps,
+    sampling_from_args,
+)
+from .config import OUTPUT_FPS
+from .media import SOFTWARE, check_output
+from .pipeline import LancePipeline
+from .processing import PRESETS
+from .tasks import IMAGE_EDIT_PRESET, VIDEO_PRESET, ImageEdit, VideoEdit
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", type=Path, help="image to edit")
+    src.add_argument("--video", type=Path,
+                     help="video to edit; sampled as upstream: 12 fps over at most 6 s, 4k+1 frames")
+    p.add_argument("--instruction", required=True, help='how to change it, e.g. "make the sky pink"')
+    add_output_args(p, "output: an image (.png keeps the settings as metadata) for --image; .mp4, .gif or a name "
+                       "without a suffix (a folder of PNG frames) for --video")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="resolution preset of the source (default image_768res for images, video_480p for "
+                        "videos, as upstream); the output has the source's bucketed size")
+    p.add_argument("--fps", type=float, default=OUTPUT_FPS,
+                   help=f"output video frame rate (default {OUTPUT_FPS:g})")
+    add_sampling_args(p, image_guidance=True)
+    g = p.add_argument_group("edit conditioning")
+    add_posterior_args(g, "the source")
+    add_model_args(p)
+    return p.parse_args(argv)
+
+
+def build_request(args):
+
+    sampling, posterior = sampling_from_args(args), posterior_from_args(args)
+    if args.video is not None:
+        return VideoEdit(args.video, args.instruction, args.preset or VIDEO_PRESET, fps=args.fps, sampling=sampling,
+                         posterior=posterior, source=str(args.video))
+    return ImageEdit(args.image, args.instruction, args.preset or IMAGE_EDIT_PRESET, sampling, posterior,
+                     source=str(args.image))
+
+
+def run(args) -> int:
+
+    video = args.video is not None
+    out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
+    request = build_request(args)
+    timer = PhaseTimer()
+    with timer.phase("load"):
+        pipe = LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
+    with timer.phase("encode source (ViT + VAE)"):
+        plan = pipe.plan(request)
+    with timer.phase(f"denoise {request.sampling.steps} steps"):
+        latents = run_steps(pipe.denoise(plan))
+    t, h, w = plan.latent_shape
+    meta = {"instruction": args.instruction, "source": request.source, "preset": request.preset.name,
+            **request.sampling.as_metadata(), "posterior": request.posterior.describe(), "model": args.model,
+            "dtype": args.dtype, "software": SOFTWARE}
+    with timer.phase("decode + write"):
+        pipe.save(latents.reshape(1, t, h, w, -1), out, fps=getattr(request, "fps", OUTPUT_FPS), metadata=meta)
+    timer.summary()
+    what = f"{4 * (t - 1) + 1} frames at {request.fps:g} fps, " if video else ""
+    print(f"saved {out} ({what}{16 * w}x{16 * h})", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    return main_guard(run, parse_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Text-to-image, text-to-video and image-to-video with Lance on MLX."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cli import (
+    PhaseTimer,
+    add_model_args,
+    add_output_args,
+    add_posterior_args,
+    add_sampling_args,
+    add_size_args,
+    main_guard,
+    posterior_from_args,
+    resolve_size,
+    run_steps,
+    sampling_from_args,
+)
+from .config import OUTPUT_FPS
+from .errors import InvalidRequestError
+from .media import SOFTWARE, check_output
+from .pipeline import LancePipeline
+from .tasks import I2V_RESOLUTION, MAX_FRAMES, ImageToVideo, TextToImage, TextToVideo
+
+# Size presets when --width/--height are not given: t2i 1:1 at 768² (upstream README), video the video_480p 16:9
+# bucket 848x480 (the README's t2v size).
+IMAGE_ASPECT, IMAGE_RESOLUTION = "1:1", 768
+VIDEO_ASPECT, VIDEO_RESOLUTION = "16:9", I2V_RESOLUTION
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--prompt", required=True, help="what to generate")
+    add_output_args(p, "output: an image (.png keeps the settings as metadata) for one frame; .mp4, .gif or a name "
+                       "without a suffix (a folder of PNG frames) for a video")
+    add_size_args(p)
+    v = p.add_argument_group("video")
+    v.add_argument("--frames", type=int, default=1,
+                   help=f"frames to generate: 1 = an image (default); 4k+1 up to {MAX_FRAMES} = a video (t2v); "
+                        f"default video size {VIDEO_ASPECT} at {VIDEO_RESOLUTION}² = 848x480")
+    v.add_argument("--fps", type=float, default=OUTPUT_FPS,
+                   help=f"output video frame rate (default {OUTPUT_FPS:g}, as upstream)")
+    v.add_argument("--image", type=Path,
+                   help="first frame: image-to-video; the video takes the image's size bucketed to about "
+                        f"RESOLUTION² pixels (default {VIDEO_RESOLUTION}, upstream's video_480p)")
+    add_posterior_args(v, "the first frame (also seeds its pixel noise)")
+    add_sampling_args(p)
+    add_model_args(p)
+    return p.parse_args(argv)
+
+
+def build_request(args):
+    """The task request of the command line (every value checked here, before any model loads)."""
+
+    sampling = sampling_from_args(args)
+    if args.image is not None:
+        if args.width is not None or args.height is not None:
+            raise InvalidRequestError("image-to-video takes its size from --image (bucketed to about RESOLUTION² "
+                                      "pixels, as upstream); drop --width/--height")
+        if args.frames < 5:
+            raise InvalidRequestError(f"image-to-video needs --frames 5 or more (4k+1: 5, 9, ..., {MAX_FRAMES}), "
+                                      f"got {args.frames}")
+        return ImageToVideo(args.prompt, args.image, args.frames, args.resolution or VIDEO_RESOLUTION, args.fps,
+                            sampling, posterior_from_args(args), source=str(args.image))
+    video = args.frames != 1
+    aspect = args.aspect or (VIDEO_ASPECT if video else IMAGE_ASPECT)
+    width, height = resolve_size(args, aspect, args.resolution or (VIDEO_RESOLUTION if video else IMAGE_RESOLUTION))
+    if video:
+        return TextToVideo(args.prompt, args.frames, width, height, args.fps, sampling)
+    return TextToImage(args.prompt, width, height, sampling)
+
+
+def run(args) -> int:
+
+    video = args.frames != 1 or args.image is not None
+    out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
+    request = build_request(args)
+    timer = PhaseTimer()
+    with timer.phase("load"):
+        pipe = LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
+    with timer.phase("encode first frame (VAE)" if request.task == "i2v" else "prepare"):
+        plan = pipe.plan(request)
+    with timer.phase(f"denoise {request.sampling.steps} steps"):
+        latents = run_steps(pipe.denoise(plan))
+    t, h, w = plan.latent_shape
+    meta = {"prompt": args.prompt, "width": 16 * w, "height": 16 * h, **request.sampling.as_metadata(),
+            "model": args.model, "dtype": args.dtype, "software": SOFTWARE}
+    if video:
+        meta.update(frames=4 * (t - 1) + 1, fps=request.fps)
+    if request.task == "i2v":
+        meta.update(image=request.source, resolution=request.resolution, posterior=request.posterior.describe())
+    with timer.phase("decode + write"):
+        pipe.save(latents.reshape(1, t, h, w, -1), out, fps=getattr(request, "fps", OUTPUT_FPS), metadata=meta)
+    timer.summary()
+    what = f"{4 * (t - 1) + 1} frames at {request.fps:g} fps, " if video else ""
+    print(f"saved {out} ({what}{16 * w}x{16 * h})", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    return main_guard(run, parse_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

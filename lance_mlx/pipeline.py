@@ -1,0 +1,264 @@
+"""`LancePipeline`: loads and owns model, tokenizer, ViT and VAE, and runs a task request to its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Union
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from . import checkpoints, loading
+from . import understanding as U
+from .conditioning import encode_edit_inputs, encode_first_frame, first_frame_mask
+from .config import SamplingParams
+from .errors import InvalidRequestError, WeightsError
+from .lance import Lance
+from .media import IMAGE_SUFFIXES, save_image, save_video, to_uint8
+from .processing import preprocess_image, preprocess_video
+from .sampler import Step
+from .sequence import Sequence, generation_sequence
+from .tasks import (
+    GenerationRequest,
+    ImageEdit,
+    ImageToVideo,
+    Request,
+    TextToImage,
+    TextToVideo,
+    Understand,
+    VideoEdit,
+    check_token_count,
+    latent_frames,
+)
+
+ProgressFn = Callable[[int, int], Any]
+
+
+@dataclass
+class GenerationPlan:
+    """A generation request made ready to sample: its token sequence (conditioning encoded), its sampling settings
+    (with the start latents when some are fixed) and the tokens that never change (i2v's first frame)."""
+
+    request: GenerationRequest
+    sequence: Sequence
+    params: SamplingParams
+    frozen: Optional[np.ndarray] = None
+
+    @property
+    def latent_shape(self):
+        return self.sequence.splits[self.sequence.noise_index].grid
+
+
+class LancePipeline:
+    """The components of one checkpoint and one call per task.
+
+    Build it with `from_pretrained` (any folder layout or hub id, docs/checkpoints.md). `run(request)` takes a
+    request of `lance_mlx.tasks`; `generate_image`, `generate_video`, `edit_image`, `edit_video` and `understand`
+    build the request for you. Lower-level steps for progress, preview or cancellation: `plan(request)`,
+    `denoise(plan)` (yields `sampler.Step`s), `decode(latents)` / `save(latents, path, ...)`.
+    """
+
+    def __init__(self, model: Lance, tokenizer=None, vit=None, vae=None, checkpoint: Optional[str] = None):
+        self.model, self.tokenizer, self.vit, self.vae = model, tokenizer, vit, vae
+        self.checkpoint = checkpoint  # "image" (Lance_3B), "video" (Lance_3B_Video) or None when unknown
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: Union[str, Path] = checkpoints.UPSTREAM_REPO, task: Optional[str] = None,
+                        *, dtype="bfloat16", vae_dtype=None, lazy: bool = False, rope_bf16: Optional[bool] = None,
+                        request: Optional[Request] = None) -> "LancePipeline":
+        """Load a model folder or hub repo id with the components `task` needs (t2i, t2v, i2v, image_edit,
+        video_edit, x2t_image, x2t_video; default: the task of `request`, else t2i).
+
+        Before any weights load, the folder is checked to hold the checkpoint the task needs (image weights for a
+        video task are refused, naming the video checkpoint) and, with `request`, its text is checked against the
+        tokenizer's limit. `dtype` is the compute dtype of the LLM and ViT; the VAE uses `vae_dtype` (default the
+        same); `rope_bf16` rounds RoPE frequencies like upstream's bf16 buffer (default: when dtype is bf16).
+        """
+        task = task or (request.task if request is not None else "t2i")
+        files = checkpoints.resolve(path_or_repo, task)
+        check_checkpoint(files.checkpoint, task, str(path_or_repo))
+        if request is not None:
+            count_text_tokens(loading.load_tokenizer(files.tokenizer_dir), request)
+        c = loading.load_components(files, task, dtype=dtype, vae_dtype=vae_dtype, lazy=lazy, rope_bf16=rope_bf16)
+        return cls(c.model, c.tokenizer, c.vit, c.vae, checkpoint=files.checkpoint)
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def check(self, request: Request) -> None:
+        """What the request needs from this pipeline: the right checkpoint, its components, text within limits."""
+        check_checkpoint(self.checkpoint, request.task, "this pipeline")
+        _, needs_vae, needs_vit = checkpoints.TASKS[request.task]
+        missing = [n for n, need in (("tokenizer", True), ("vae", needs_vae), ("vit", needs_vit))
+                   if need and getattr(self, n) is None]
+        if missing:
+            raise WeightsError(f"this pipeline has no {', '.join(missing)} for {request.task}: load it with "
+                               f"LancePipeline.from_pretrained(..., task={request.task!r})")
+        count_text_tokens(self.tokenizer, request)
+
+    def tokenize(self, text: str) -> list:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -------------------------------------------------------------------------------------------- generation
+    def plan(self, request: GenerationRequest) -> GenerationPlan:
+        """Check the request, encode its conditioning (ViT / VAE) and build the token sequence it samples."""
+        self.check(request)
+        model, s = self.model, request.sampling
+        ids = model._prompt_ids(self.tokenize(request.text), None, None)
+        frozen = None
+        if isinstance(request, (TextToImage, TextToVideo)):
+            seq = generation_sequence(request.task, ids, request.latent_shape, tokenizer=self.tokenizer)
+        elif isinstance(request, ImageToVideo):
+            pixels = preprocess_image(request.image, request.preset, vae=True, vit=False).vae_pixels
+            H, W = pixels.shape[-3:-1]
+            stride = self.config.vae_spatial_stride
+            shape = (latent_frames(request.num_frames), H // stride, W // stride)
+            model.latent_pos.check(shape)
+            first = encode_first_frame(self.vae, pixels, request.num_frames, request.posterior.sample,
+                                       request.posterior.seed)
+            seq = generation_sequence("i2v", ids, shape, tokenizer=self.tokenizer)
+            frozen = first_frame_mask(shape)
+            c = self.config.latent_channels
+            x0 = model.initial_noise(len(frozen), s.seed, s.noise, shape)
+            s = s.replace(noise=mx.where(mx.array(frozen)[:, None], first.reshape(-1, c), x0))
+        else:
+            if isinstance(request, ImageEdit):
+                visual, kind = preprocess_image(request.image, request.preset), "image"
+            else:
+                visual, kind = preprocess_video(request.video, request.preset, fps=request.input_fps), "video"
+                latent_frames(visual.vae_pixels.shape[0], "source frame count")
+            inputs = encode_edit_inputs(self.vit, self.vae, visual, request.posterior.sample, request.posterior.seed)
+            model.latent_pos.check(inputs.latent_shape)
+            seq = inputs.sequence(ids, kind, tokenizer=self.tokenizer)
+        model.latent_pos.check(seq.splits[seq.noise_index].grid)
+        model._check_length(seq, len(ids))
+        return GenerationPlan(request, seq, s, frozen)
+
+    def denoise(self, plan: GenerationPlan) -> Iterator[Step]:
+        """The sampling loop of a plan: a `sampler.Step` after each denoising step (stop early by not asking)."""
+        return self.model.denoise(plan.sequence, plan.params, plan.frozen)
+
+    def latents(self, request: GenerationRequest, progress: Optional[ProgressFn] = None) -> mx.array:
+        """The sampled latents (1, t, h, w, 48) float32 of a generation request."""
+        plan = self.plan(request)
+        return self.model.generate(plan.sequence, plan.params, plan.frozen, progress=progress)
+
+    # ------------------------------------------------------------------------------------------------ output
+    def _require_vae(self):
+        if self.vae is None:
+            raise WeightsError("this pipeline has no VAE to decode with: load it for a generation task")
+        return self.vae
+
+    def decode(self, latents: mx.array) -> np.ndarray:
+        """(1, t, h, w, 48) latents → (T, H, W, 3) uint8 frames through the VAE."""
+        pixels = self._require_vae().decode(latents, clamp=True)
+        return to_uint8(np.array(pixels[0].astype(mx.float32)))
+
+    def iter_frames(self, latents: mx.array) -> Iterator[np.ndarray]:
+        """(H, W, 3) uint8 frames yielded as the VAE decodes them chunk by chunk (memory flat in video length)."""
+        for chunk in self._require_vae().decode_stream(latents):
+            yield from to_uint8(np.array(chunk[0]))
+
+    def save(self, latents: mx.array, path, fps: float = 12.0, metadata: Optional[Dict[str, Any]] = None) -> Path:
+        """Decode and write atomically: an image file for one frame, else a video written frame by frame."""
+        if latents.shape[1] == 1 and Path(path).suffix.lower() in IMAGE_SUFFIXES:
+            return save_image(Image.fromarray(self.decode(latents)[0]), path, metadata)
+        return save_video(self.iter_frames(latents), path, fps=fps, metadata=metadata)
+
+    # -------------------------------------------------------------------------------------------- understanding
+    def answer(self, request: Understand) -> U.TextStream:
+        """A stream of answer pieces for an understanding request; `.result` holds the answer and statistics."""
+        self.check(request)
+        if request.video:
+            visual = preprocess_video(request.media, request.preset, fps=request.input_fps, vae=False, vit=True)
+        else:
+            visual = preprocess_image(request.media, request.preset, vae=False, vit=True)
+        embeds = U.encode_visual(self.vit, visual.vit_patches, visual.grid_thw)
+        llm = self.config.llm
+        prompt = U.build_prompt(self.tokenizer, visual.grid_thw, "video" if request.video else "image",
+                                request.question, vit_embeds=embeds, system=request.system_prompt,
+                                spatial_merge_size=llm.spatial_merge_size, tokens_per_second=llm.tokens_per_second)
+        return U.generate(self.model, prompt, self.tokenizer, max_tokens=request.max_tokens,
+                          temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+
+    # ------------------------------------------------------------------------------------------- one call each
+    def run(self, request: Request, progress: Optional[ProgressFn] = None):
+        """Run a request: a PIL image (t2i, image edit), (T, H, W, 3) uint8 frames (videos), or the answer text."""
+        if isinstance(request, Understand):
+            return self.answer(request).run().text
+        latents = self.latents(request, progress)
+        frames = self.decode(latents)
+        return Image.fromarray(frames[0]) if isinstance(request, (TextToImage, ImageEdit)) else frames
+
+    def generate_image(self, prompt: str, width: int = 768, height: int = 768,
+                       sampling: Optional[SamplingParams] = None, **settings) -> Image.Image:
+        """Text-to-image with upstream's defaults (768², 30 steps, shift 3.5, CFG 4.0, seed 42); `settings` are
+        `SamplingParams` fields (steps, cfg_text, seed, ...) applied over `sampling`."""
+        return self.run(TextToImage(prompt, width, height, _settings(sampling, settings)))
+
+    def generate_video(self, prompt: str, num_frames: int = 49, width: Optional[int] = None,
+                       height: Optional[int] = None, image=None, sampling: Optional[SamplingParams] = None,
+                       **settings) -> np.ndarray:
+        """Text-to-video, or image-to-video with `image` (the video then takes the image's bucketed size; pass
+        `resolution=` for another bucket area than 640²). Returns (T, H, W, 3) uint8 frames."""
+        extra = _pop(settings, "resolution", "posterior")
+        params = _settings(sampling, settings)
+        if image is None:
+            req = TextToVideo(prompt, num_frames, width or 848, height or 480, sampling=params)
+        elif width is not None or height is not None:
+            raise InvalidRequestError("image-to-video takes its size from the image (bucketed to about "
+                                      "resolution² pixels, as upstream); leave width and height unset")
+        else:
+            req = ImageToVideo(prompt, image, num_frames, sampling=params, **extra)
+        return self.run(req)
+
+    def edit_image(self, image, instruction: str, sampling: Optional[SamplingParams] = None,
+                   **settings) -> Image.Image:
+        """Edit an image as `instruction` says (upstream image_edit); `preset=`/`posterior=` as `tasks.ImageEdit`."""
+        extra = _pop(settings, "preset", "posterior")
+        return self.run(ImageEdit(image, instruction, sampling=_settings(sampling, settings), **extra))
+
+    def edit_video(self, video, instruction: str, sampling: Optional[SamplingParams] = None,
+                   **settings) -> np.ndarray:
+        """Edit a video as `instruction` says (upstream video_edit); options as `tasks.VideoEdit`."""
+        extra = _pop(settings, "preset", "posterior", "input_fps")
+        return self.run(VideoEdit(video, instruction, sampling=_settings(sampling, settings), **extra))
+
+    def understand(self, media, question: Optional[str] = None, stream: bool = False, **options):
+        """Answer `question` about an image or video, or describe it (options as `tasks.Understand`). Returns the
+        text, or with stream=True a TextStream of pieces whose `.result` has the statistics."""
+        out = self.answer(Understand(media, question, **options))
+        return out if stream else out.run().text
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def check_checkpoint(kind: Optional[str], task: str, where: str) -> None:
+    """Refuse a generation task on the other checkpoint (image weights for a video task and the reverse).
+    Understanding runs on either: both share the und expert's architecture, upstream merely defaults x2t_video to
+    the video checkpoint."""
+    need = checkpoints.checkpoint_kind_for(task)
+    if kind is None or kind == need or task.startswith("x2t"):
+        return
+    name = checkpoints.VIDEO_LLM_DIR if need == "video" else checkpoints.IMAGE_LLM_DIR
+    how = "convert.py --video" if need == "video" else "convert.py without --video"
+    raise WeightsError(f"{task} needs the {need} checkpoint ({name}), but {where} holds the {kind} one: point "
+                       f"--model at the upstream folder or repo (it picks {name}), at {name}/ itself, or at a "
+                       f"folder written by {how}")
+
+
+def count_text_tokens(tokenizer, request: Request) -> None:
+    if request.text is not None:
+        check_token_count(len(tokenizer(request.text, add_special_tokens=False)["input_ids"]), request.text_field)
+
+
+def _settings(sampling: Optional[SamplingParams], settings: Dict[str, Any]) -> SamplingParams:
+    base = sampling if sampling is not None else SamplingParams()
+    return base.replace(**settings) if settings else base
+
+
+def _pop(settings: Dict[str, Any], *names: str) -> Dict[str, Any]:
+    return {n: settings.pop(n) for n in names if n in settings}

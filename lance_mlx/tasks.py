@@ -1,0 +1,427 @@
+"""One request type per task, each validating every user input on construction, before any weights load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from .config import (
+    DEFAULT_SAMPLING,
+    MAX_ANSWER_TOKENS,
+    OUTPUT_FPS,
+    POSTERIOR_SEED,
+    LanceConfig,
+    SamplingParams,
+    check_number,
+)
+from .errors import InputNotFoundError, InvalidRequestError, InvalidTypeError
+
+# The model's geometry (upstream inference_lance.sh: latent patch 1, max_latent_size 64, max_num_frames 121).
+_GEOMETRY = LanceConfig()
+SIZE_STRIDE = _GEOMETRY.vae_spatial_stride  # output sizes are multiples of 16 px
+MAX_SIDE = SIZE_STRIDE * _GEOMETRY.max_latent_size  # 1024 px per side
+FRAME_STRIDE = _GEOMETRY.vae_temporal_stride  # pixel frame counts are 4k + 1
+MAX_FRAMES = FRAME_STRIDE * (_GEOMETRY.max_latent_frames - 1) + 1  # 121
+MIN_I2V_FRAMES = FRAME_STRIDE + 1  # the image's latent frame, then at least one generated one
+
+# Defaults: t2i 768² (upstream README), t2v the video_480p 16:9 bucket 848x480 and 49 frames (what upstream's
+# NUM_FRAMES=50 becomes), i2v/video presets as upstream's validation_dataset.py.
+IMAGE_SIZE = (768, 768)
+VIDEO_SIZE = (848, 480)
+VIDEO_FRAMES = 49
+I2V_RESOLUTION = 640  # video_480p's VAE resolution: the first frame is bucketed to about 640² pixels
+IMAGE_EDIT_PRESET, VIDEO_PRESET = "image_768res", "video_480p"
+IMAGE_X2T_PRESET = "image_768res"
+
+# Our bounds, not upstream's: upstream does not bound text; MLX's CPU attention crashes near 27k tokens, and a
+# prompt of this length is already far beyond anything the model was trained on.
+MAX_PROMPT_TOKENS = 4096
+MAX_PROMPT_CHARS = 16 * MAX_PROMPT_TOKENS  # a cheap first bound before tokenizing (tokens rarely pass 16 chars)
+MAX_FPS = 240.0
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 1024
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def check_text(text, what: str, example: str) -> str:
+    """A non-empty string of valid Unicode, or an error naming `what` and an example."""
+    if text is not None and not isinstance(text, str):
+        raise InvalidTypeError(f"the {what} must be text, got {type(text).__name__}")
+    if text is None or not text.strip():
+        raise InvalidRequestError(f"the {what} is empty; {example}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"the {what} is not valid text (it holds unpaired surrogates, e.g. from invalid "
+                                  "UTF-8 input); pass it as UTF-8") from None
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidRequestError(f"the {what} is {len(text)} characters long; keep it under about "
+                                  f"{MAX_PROMPT_TOKENS} tokens")
+    return text
+
+
+def check_token_count(n_tokens: int, what: str) -> None:
+    """Refuse text longer than MAX_PROMPT_TOKENS tokens (checked with the model's tokenizer, before weights)."""
+    if n_tokens > MAX_PROMPT_TOKENS:
+        raise InvalidRequestError(f"the {what} is {n_tokens} tokens long; the limit is {MAX_PROMPT_TOKENS} tokens: "
+                                  "shorten it")
+
+
+def check_size(width, height) -> Tuple[int, int]:
+    """(width, height) as ints: positive multiples of 16 up to 1024 (the 3-D position table's 64 latents)."""
+    out = []
+    for name, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise InvalidTypeError(f"{name} must be a whole number of pixels, got {type(v).__name__} {v!r}")
+        v = int(v)
+        if v <= 0 or v % SIZE_STRIDE:
+            lo, hi = max(SIZE_STRIDE, (v // SIZE_STRIDE) * SIZE_STRIDE), (max(v, 0) // SIZE_STRIDE + 1) * SIZE_STRIDE
+            raise InvalidRequestError(f"{name} {v} is not a positive multiple of {SIZE_STRIDE}; use e.g. {lo} or {hi}")
+        if v > MAX_SIDE:
+            raise InvalidRequestError(f"{name} {v} is above {MAX_SIDE}, the largest size the model's position table "
+                                      f"covers ({MAX_SIDE // SIZE_STRIDE} latents × {SIZE_STRIDE} px)")
+        out.append(v)
+    return out[0], out[1]
+
+
+def latent_grid(width: int, height: int) -> Tuple[int, int]:
+    """Latent rows and columns (h, w) of an output size."""
+    w, h = check_size(width, height)
+    return h // SIZE_STRIDE, w // SIZE_STRIDE
+
+
+def nearest_valid_frames(n: int) -> Tuple[int, ...]:
+    """The 4k + 1 frame counts next to `n` (one value when `n` is below 5)."""
+    n = int(n)
+    if n <= 1:
+        return (1,)
+    lo = (n - 1) // FRAME_STRIDE * FRAME_STRIDE + 1
+    return (lo,) if lo == n else (lo, lo + FRAME_STRIDE)
+
+
+def latent_frames(num_frames, what: str = "frame count") -> int:
+    """Latent frames (F - 1) / 4 + 1 of F pixel frames, or an error naming the valid counts (the VAE encodes frame
+    0 alone, then groups of 4; the position table has 31 latent frames)."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+        raise InvalidRequestError(f"{what} must be a positive integer 4k+1 (1, 5, 9, ...), got {num_frames!r}")
+    if (num_frames - 1) % FRAME_STRIDE:
+        near = " or ".join(str(v) for v in nearest_valid_frames(num_frames) if v <= MAX_FRAMES)
+        raise InvalidRequestError(f"{what} {num_frames} is not of the form 4k+1 (the VAE encodes frame 0 alone, then "
+                                  f"groups of 4); use {near}")
+    if num_frames > MAX_FRAMES:
+        raise InvalidRequestError(f"{what} {num_frames} is too long: the 3-D latent position table has "
+                                  f"{_GEOMETRY.max_latent_frames} latent frames, so at most {MAX_FRAMES} frames; use "
+                                  f"{MAX_FRAMES} or fewer")
+    return (int(num_frames) - 1) // FRAME_STRIDE + 1
+
+
+def check_fps(fps, what: str = "fps") -> float:
+    return check_number(what, fps, 0.0, MAX_FPS, lo_open=True)
+
+
+def check_preset(preset):
+    from .processing import get_preset
+
+    try:
+        return get_preset(preset)
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
+
+
+def load_image_input(image, what: str = "the image", param: str = "image") -> Image.Image:
+    """A path, PIL image or (H, W, 3) uint8 array → RGB PIL image, decoded and checked now."""
+    from .processing import load_image
+
+    if image is None:
+        raise InvalidTypeError(f"no {what} given: pass a file path, a PIL image or an (H, W, 3) uint8 array", param)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise InvalidRequestError(f"{what} array must be (H, W, 3) uint8, got {image.shape} {image.dtype}", param)
+        image = Image.fromarray(image)
+    elif not isinstance(image, (str, Path, Image.Image)):
+        raise InvalidTypeError(f"{what} must be a file path, PIL image or (H, W, 3) uint8 array, got "
+                               f"{type(image).__name__}")
+    try:
+        return load_image(image)
+    except FileNotFoundError as e:
+        raise InputNotFoundError(f"cannot read {what}: {e}", param) from None
+    except ValueError as e:
+        raise InvalidRequestError(f"cannot read {what}: {e}", param) from None
+
+
+def load_video_input(video, input_fps: Optional[float]):
+    """(frames, fps) of a video path (decoded now; sampled later like upstream) or decoded frames."""
+    from .media import read_video
+    from .processing import sample_frame_indices
+
+    if video is None:
+        raise InvalidTypeError("no video given: pass a file path or (T, H, W, 3) uint8 frames")
+    try:
+        if isinstance(video, (str, Path)):
+            frames, fps = read_video(video)
+            fps = fps if input_fps is None else input_fps
+        elif isinstance(video, (np.ndarray, list, tuple)):
+            frames, fps = video, input_fps
+        else:
+            raise InvalidTypeError(f"the video must be a file path or (T, H, W, 3) uint8 frames, got "
+                                   f"{type(video).__name__}")
+        if fps is not None:
+            sample_frame_indices(len(frames), fps)  # too short a clip fails here
+    except InvalidRequestError:
+        raise
+    except FileNotFoundError as e:
+        raise InputNotFoundError(f"cannot read the input video: {e}", "video") from None
+    except ValueError as e:
+        raise InvalidRequestError(f"cannot read the input video: {e}", "video") from None
+    return frames, fps
+
+
+def _describe(media) -> str:
+    return str(media) if isinstance(media, (str, Path)) else type(media).__name__
+
+
+def _sampling(value) -> SamplingParams:
+    if not isinstance(value, SamplingParams):
+        raise InvalidTypeError(f"sampling must be a SamplingParams, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """How a VAE-encoded conditioning input is drawn: upstream samples the posterior with its global seed 2025
+    (`sample=True`); `sample=False` takes the posterior mean (deterministic)."""
+
+    sample: bool = True
+    seed: int = POSTERIOR_SEED
+
+    def __post_init__(self):
+        object.__setattr__(self, "seed", check_number("posterior seed", self.seed, 0, 2**63 - 1, integer=True))
+
+    def describe(self) -> str:
+        return f"sample (seed {self.seed})" if self.sample else "mean"
+
+
+# ---------------------------------------------------------------------------------------------------- requests
+class Request:
+    """Common surface of the request types: `task`, `checkpoint` ("image" or "video" weights) and `text`."""
+
+    task: ClassVar[str]
+    checkpoint: ClassVar[str]
+    text_field: ClassVar[str] = "prompt"
+
+    @property
+    def text(self) -> Optional[str]:
+        return getattr(self, self.text_field)
+
+    def _set(self, **values: Any) -> None:
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
+
+
+def _reject_image_guidance(params: SamplingParams, task: str) -> None:
+    if params.cfg_image != 1.0:
+        raise InvalidRequestError(f"image guidance (cfg-img {params.cfg_image:g}) applies to edits only; {task} has "
+                                  "no input image to guide by: leave it at 1")
+
+
+@dataclass(frozen=True)
+class TextToImage(Request):
+    """Text → image (upstream t2i)."""
+
+    task: ClassVar[str] = "t2i"
+    checkpoint: ClassVar[str] = "image"
+    prompt: str = ""
+    width: int = IMAGE_SIZE[0]
+    height: int = IMAGE_SIZE[1]
+    sampling: SamplingParams = DEFAULT_SAMPLING
+
+    def __post_init__(self):
+        check_text(self.prompt, "prompt", "describe the image to generate")
+        w, h = check_size(self.width, self.height)
+        self._set(width=w, height=h, sampling=_sampling(self.sampling))
+        _reject_image_guidance(self.sampling, "text-to-image")
+
+    @property
+    def latent_shape(self) -> Tuple[int, int, int]:
+        return (1, self.height // SIZE_STRIDE, self.width // SIZE_STRIDE)
+
+
+@dataclass(frozen=True)
+class TextToVideo(Request):
+    """Text → video (upstream t2v); `fps` is the output frame rate."""
+
+    task: ClassVar[str] = "t2v"
+    checkpoint: ClassVar[str] = "video"
+    prompt: str = ""
+    num_frames: int = VIDEO_FRAMES
+    width: int = VIDEO_SIZE[0]
+    height: int = VIDEO_SIZE[1]
+    fps: float = OUTPUT_FPS
+    sampling: SamplingParams = DEFAULT_SAMPLING
+
+    def __post_init__(self):
+        check_text(self.prompt, "prompt", "describe the video to generate")
+        latent_frames(self.num_frames, "frame count")
+        w, h = check_size(self.width, self.height)
+        self._set(width=w, height=h, fps=check_fps(self.fps), sampling=_sampling(self.sampling))
+        _reject_image_guidance(self.sampling, "text-to-video")
+
+    @property
+    def latent_shape(self) -> Tuple[int, int, int]:
+        return (latent_frames(self.num_frames), self.height // SIZE_STRIDE, self.width // SIZE_STRIDE)
+
+
+@dataclass(frozen=True)
+class ImageToVideo(Request):
+    """Image + text → video (upstream i2v): the video takes the image's size bucketed to about `resolution`²."""
+
+    task: ClassVar[str] = "i2v"
+    checkpoint: ClassVar[str] = "video"
+    prompt: str = ""
+    image: Any = None
+    num_frames: int = VIDEO_FRAMES
+    resolution: int = I2V_RESOLUTION
+    fps: float = OUTPUT_FPS
+    sampling: SamplingParams = DEFAULT_SAMPLING
+    posterior: Posterior = field(default_factory=Posterior)
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        check_text(self.prompt, "prompt", "describe the video to generate")
+        if latent_frames(self.num_frames, "frame count") < 2:
+            raise InvalidRequestError(f"image-to-video needs at least {MIN_I2V_FRAMES} frames (the image, then 4k "
+                                      f"more), got {self.num_frames}; use 5, 9, ... (4k+1)")
+        res = check_number("resolution", self.resolution, MIN_RESOLUTION, MAX_RESOLUTION, integer=True)
+        self._set(resolution=res, fps=check_fps(self.fps), sampling=_sampling(self.sampling),
+                  source=self.source or _describe(self.image), image=load_image_input(self.image, "image"))
+        _reject_image_guidance(self.sampling, "image-to-video")
+
+    @property
+    def preset(self):
+        from .processing import Preset
+
+        return Preset(f"{self.resolution}px", self.resolution, self.resolution)  # only its VAE branch is used
+
+
+@dataclass(frozen=True)
+class ImageEdit(Request):
+    """Image + instruction → edited image (upstream image_edit); the output has the source's bucketed size."""
+
+    task: ClassVar[str] = "image_edit"
+    checkpoint: ClassVar[str] = "image"
+    text_field: ClassVar[str] = "instruction"
+    image: Any = None
+    instruction: str = ""
+    preset: Any = IMAGE_EDIT_PRESET
+    sampling: SamplingParams = DEFAULT_SAMPLING
+    posterior: Posterior = field(default_factory=Posterior)
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        check_text(self.instruction, "instruction", 'say what to change, e.g. "make the sky pink"')
+        self._set(preset=check_preset(self.preset), sampling=_sampling(self.sampling),
+                  source=self.source or _describe(self.image), image=load_image_input(self.image, "the input image"))
+
+
+@dataclass(frozen=True)
+class VideoEdit(Request):
+    """Video + instruction → edited video (upstream video_edit). A file is sampled like upstream (12 fps, at most
+    6 s, 4k+1 frames); decoded frames are used as given (4k+1 of them) unless `input_fps` is passed."""
+
+    task: ClassVar[str] = "video_edit"
+    checkpoint: ClassVar[str] = "video"
+    text_field: ClassVar[str] = "instruction"
+    video: Any = None
+    instruction: str = ""
+    preset: Any = VIDEO_PRESET
+    input_fps: Optional[float] = None
+    fps: float = OUTPUT_FPS
+    sampling: SamplingParams = DEFAULT_SAMPLING
+    posterior: Posterior = field(default_factory=Posterior)
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        check_text(self.instruction, "instruction", 'say what to change, e.g. "make the sky pink"')
+        if self.input_fps is not None:
+            check_fps(self.input_fps, "input fps")
+        frames, fps = load_video_input(self.video, self.input_fps)
+        if fps is None:  # decoded frames used as given: the VAE needs 4k + 1 of them
+            latent_frames(len(frames), "source frame count")
+        self._set(preset=check_preset(self.preset), fps=check_fps(self.fps), sampling=_sampling(self.sampling),
+                  source=self.source or _describe(self.video), video=frames, input_fps=fps)
+
+
+@dataclass(frozen=True)
+class Understand(Request):
+    """Image or video + optional question → text (upstream x2t_image / x2t_video). Without a question the model
+    describes the input. Greedy decoding up to 256 tokens, as upstream; temperature > 0 samples (top_p, seed)."""
+
+    text_field: ClassVar[str] = "question"
+    media: Any = None
+    question: Optional[str] = None
+    video: bool = False
+    preset: Any = None
+    input_fps: Optional[float] = None
+    max_tokens: int = MAX_ANSWER_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    system_prompt: Optional[str] = None
+    source: str = field(default="", compare=False)
+
+    @property
+    def task(self) -> str:
+        return "x2t_video" if self.video else "x2t_image"
+
+    @property
+    def checkpoint(self) -> str:
+        return "video" if self.video else "image"
+
+    def __post_init__(self):
+        if self.question is not None:
+            check_text(self.question, "question", "leave it out to get a description")
+        if self.system_prompt is not None:
+            check_text(self.system_prompt, "system prompt", "leave it out for upstream's")
+        if isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be a positive number of tokens, got {self.max_tokens}",
+                                      "max_tokens")
+        self._set(max_tokens=check_number("max_tokens", self.max_tokens, 1, 32768, integer=True),
+                  temperature=check_number("temperature", self.temperature, 0.0, 10.0),
+                  top_p=check_number("top-p", self.top_p, 0.0, 1.0, lo_open=True),
+                  seed=check_number("seed", self.seed, 0, 2**63 - 1, integer=True),
+                  source=self.source or _describe(self.media))
+        video = self.video or _looks_like_video(self.media)
+        preset = check_preset(self.preset or (VIDEO_PRESET if video else IMAGE_X2T_PRESET))
+        if self.input_fps is not None:
+            check_fps(self.input_fps, "input fps")
+        if video:
+            frames, fps = load_video_input(self.media, self.input_fps)
+            self._set(video=True, media=frames, input_fps=fps, preset=preset)
+        else:
+            self._set(media=load_image_input(self.media), preset=preset)
+
+
+def _looks_like_video(media) -> bool:
+    from .media import VIDEO_SUFFIXES
+
+    if isinstance(media, (str, Path)):
+        return Path(media).suffix.lower() in VIDEO_SUFFIXES
+    if isinstance(media, np.ndarray):
+        if media.ndim not in (3, 4):
+            raise InvalidRequestError(f"an image array is (H, W, 3) and a video array (T, H, W, 3); got shape "
+                                      f"{media.shape}")
+        return media.ndim == 4
+    return isinstance(media, (list, tuple))
+
+
+GenerationRequest = Union[TextToImage, TextToVideo, ImageToVideo, ImageEdit, VideoEdit]
+REQUEST_TYPES = (TextToImage, TextToVideo, ImageToVideo, ImageEdit, VideoEdit, Understand)
+
+__all__ = [
+    "GenerationRequest", "ImageEdit", "ImageToVideo", "MAX_FRAMES", "MAX_PROMPT_TOKENS", "Posterior", "Request",
+    "TextToImage", "TextToVideo", "Understand", "VideoEdit", "check_size", "check_text", "check_token_count",
+    "latent_frames", "latent_grid", "nearest_valid_frames",
+]
