@@ -99,7 +99,8 @@ def main(argv=None):
     full_layers = LanceConfig().llm.num_hidden_layers
     preload = os.environ.get("LD_PRELOAD", "")
     print("# Lance t2i denoising step, full-size config (hidden 2048, MLP 11008, 16/2 heads), random weights")
-    print(f"- machine: {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__}, device {mx.default_device()}")
+    print(f"- machine: {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__}, "
+          f"device {mx.default_device()}")
     print(f"- BLAS: {'OpenBLAS via LD_PRELOAD=' + preload if 'openblas' in preload else 'MLX default (no LD_PRELOAD)'}")
     print(f"- built {args.layers} of {full_layers} decoder layers (embeddings, lm_head, adapters full size); "
           f"'36-layer' columns scale the step time by {full_layers}/{args.layers} and add "

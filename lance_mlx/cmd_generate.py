@@ -63,11 +63,13 @@ def build_request(args):
         if args.frames < 5:
             raise InvalidRequestError(f"image-to-video needs --frames 5 or more (4k+1: 5, 9, ..., {MAX_FRAMES}), "
                                       f"got {args.frames}")
-        return ImageToVideo(args.prompt, args.image, args.frames, args.resolution or VIDEO_RESOLUTION, args.fps,
+        resolution = VIDEO_RESOLUTION if args.resolution is None else args.resolution
+        return ImageToVideo(args.prompt, args.image, args.frames, resolution, args.fps,
                             sampling, posterior_from_args(args), source=str(args.image))
     video = args.frames != 1
     aspect = args.aspect or (VIDEO_ASPECT if video else IMAGE_ASPECT)
-    width, height = resolve_size(args, aspect, args.resolution or (VIDEO_RESOLUTION if video else IMAGE_RESOLUTION))
+    default_resolution = VIDEO_RESOLUTION if video else IMAGE_RESOLUTION
+    width, height = resolve_size(args, aspect, default_resolution if args.resolution is None else args.resolution)
     if video:
         return TextToVideo(args.prompt, args.frames, width, height, args.fps, sampling)
     return TextToImage(args.prompt, width, height, sampling)

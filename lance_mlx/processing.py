@@ -79,7 +79,8 @@ def get_preset(preset: Union[str, Preset]) -> Preset:
 
 
 def load_image(image: Union[str, Path, Image.Image]) -> Image.Image:
-    """Open an image as RGB the way upstream does: palette -> RGBA, RGBA composited on white, else RGB."""
+    """Open an image as RGB the way upstream does: palette -> RGBA, RGBA composited on white, else RGB.
+    16-bit images are scaled to 8 bits first (PIL's own conversion to RGB would clip them to white)."""
     if isinstance(image, Image.Image):
         img, name = image, "image"
     else:
@@ -103,6 +104,8 @@ def load_image(image: Union[str, Path, Image.Image]) -> Image.Image:
         img.load()
     except (OSError, SyntaxError) as e:  # truncated or corrupt data surfaces at decode time
         raise ValueError(f"{name}: cannot decode image data ({e})") from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, never clip
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode == "RGBA":

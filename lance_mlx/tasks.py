@@ -136,7 +136,8 @@ def load_image_input(image, what: str = "the image", param: str = "image") -> Im
     from .processing import load_image
 
     if image is None:
-        raise InvalidTypeError(f"no {what} given: pass a file path, a PIL image or an (H, W, 3) uint8 array", param)
+        raise InvalidTypeError(f"no {param} given ({what}): pass a file path, a PIL image or an (H, W, 3) uint8 "
+                               "array", param)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise InvalidRequestError(f"{what} array must be (H, W, 3) uint8, got {image.shape} {image.dtype}", param)
