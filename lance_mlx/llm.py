@@ -150,7 +150,8 @@ class Routing:
 # ---------------------------------------------------------------------------------------------------------------
 def rope_inv_freq(head_dim: int, theta: float, bf16: bool = False) -> np.ndarray:
     """theta^(-2j/head_dim), j < head_dim/2 (float32). With bf16=True the values are rounded to bfloat16 as the
-    buffer of upstream's bf16-cast model is (spec 3.4); the default keeps float32."""
+    buffer of upstream's bf16-cast model is (inference_lance.py casts with `.to(bfloat16)`;
+    modeling/qwen2_5_vl/modeling_qwen2_5_vl.py::Qwen2_5_VLRotaryEmbedding); the default keeps float32."""
     inv = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)))
     inv = inv.astype(np.float32)
     if bf16:

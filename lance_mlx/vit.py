@@ -17,7 +17,7 @@ from .config import ViTConfig
 Grid = Tuple[int, int, int]
 
 # Where the same 390 tensors live in other checkpoints: Lance_3B_Video/model.safetensors bundles them as
-# `vit_model.*` (spec §1.3); Hugging Face Qwen2.5-VL models store `visual.*` (transformers 5: `model.visual.*`).
+# `vit_model.*` (modeling/lance/lance.py: `self.vit_model`; docs/upstream-notes.md); Hugging Face Qwen2.5-VL models store `visual.*` (transformers 5: `model.visual.*`).
 _KEY_PREFIXES = ("model.visual.", "visual.", "vit_model.")
 # Non-persistent buffers that some exports still carry; the table is rebuilt at run time.
 _DROP_SUFFIXES = ("rotary_pos_emb.inv_freq",)
@@ -182,7 +182,8 @@ class VisionTransformer(nn.Module):
         p = mx.array(pos)  # (S, 2) int32
         if bf16:
             # Upstream runs the ViT after `.to(bfloat16)`: the inv_freq buffer, the position arange, their
-            # products and cos/sin all land in bf16 before being upcast for the rotation (spec §3.7).
+            # products and cos/sin all land in bf16 before being upcast for the rotation
+            # (modeling/vit/qwen2_5_vl_vit.py).
             ang = p.astype(mx.bfloat16)[..., None] * inv_freq.astype(mx.bfloat16)
             ang = ang.reshape(p.shape[0], -1)
             cos, sin = mx.cos(ang).astype(mx.float32), mx.sin(ang).astype(mx.float32)

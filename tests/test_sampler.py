@@ -6,7 +6,7 @@ import pytest
 
 from lance_mlx import sampler as S
 
-# Spec 6.2: t_k for N = 30, shift 3.5 (rounded to 6 digits there).
+# modeling/lance/lance.py::validation_gen_KVcache schedule: t_k for N = 30, shift 3.5 (rounded to 6 digits).
 SPEC_T30 = [1.0, 0.990244, 0.98, 0.969231, 0.957895, 0.945946, 0.933333, 0.92, 0.905882, 0.890909, 0.875,
             0.858065, 0.84, 0.82069, 0.8, 0.777778, 0.753846, 0.728, 0.7, 0.669565, 0.636364, 0.6, 0.56, 0.51579,
             0.466667, 0.411765, 0.35, 0.28, 0.2, 0.107692]
@@ -47,7 +47,7 @@ def test_bad_step_count():
 def test_cfg_interval():
     t, _ = S.timesteps(30, 3.5)
     active = [S.cfg_active(x) for x in t]
-    assert active == [True] * 26 + [False] * 4  # spec 6.4: steps 0-25 use CFG
+    assert active == [True] * 26 + [False] * 4  # config/config_factory.py cfg_interval: steps 0-25 use CFG
     assert not S.cfg_active(0.4) and S.cfg_active(0.4000001) and S.cfg_active(1.0)
     assert not S.cfg_active(1.0000001)
     assert S.cfg_active(0.1, (0.0, 1.0)) and not S.cfg_active(0.5, (0.6, 1.0))

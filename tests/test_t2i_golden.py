@@ -276,7 +276,8 @@ def test_bad_inputs(model):
 
 # ------------------------------------------------------------------------------------------ full-size layout
 def expected_full_size_table():
-    """Spec 1.2: the 1021 tensors of Lance_3B/model.safetensors, built from the table's patterns."""
+    """The 1021 tensors of Lance_3B/model.safetensors (modeling/lance/lance.py::Lance.__init__; docs/checkpoints.md),
+    built from the key patterns."""
     H, I, KV, HD, V, Z = 2048, 11008, 256, 128, 151936, 48
     exp = {}
     for n in range(36):

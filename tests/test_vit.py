@@ -171,7 +171,8 @@ def test_sanitize_strips_prefixes_and_drops_other_tensors():
 
 
 def _spec_vit_shapes():
-    """Spec §1.4 table (PyTorch layout) for the full-size ViT."""
+    """Key/shape table of Qwen2.5-VL-ViT/vit.safetensors (PyTorch layout, modeling/vit/qwen2_5_vl_vit.py) for the
+    full-size ViT."""
     shapes = {"patch_embed.proj.weight": (1280, 3, 2, 14, 14)}
     for n in range(32):
         b = f"blocks.{n}."
