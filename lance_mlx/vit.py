@@ -17,7 +17,8 @@ from .config import ViTConfig
 Grid = Tuple[int, int, int]
 
 # Where the same 390 tensors live in other checkpoints: Lance_3B_Video/model.safetensors bundles them as
-# `vit_model.*` (modeling/lance/lance.py: `self.vit_model`; docs/upstream-notes.md); Hugging Face Qwen2.5-VL models store `visual.*` (transformers 5: `model.visual.*`).
+# `vit_model.*` (modeling/lance/lance.py: `self.vit_model`; docs/upstream-notes.md); Hugging Face Qwen2.5-VL
+# models store `visual.*` (transformers 5: `model.visual.*`).
 _KEY_PREFIXES = ("model.visual.", "visual.", "vit_model.")
 # Non-persistent buffers that some exports still carry; the table is rebuilt at run time.
 _DROP_SUFFIXES = ("rotary_pos_emb.inv_freq",)

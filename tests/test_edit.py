@@ -47,7 +47,8 @@ def rows(pos, start, n):
 
 # ------------------------------------------------------------------------------------------------ positions
 def test_image_edit_positions_worked_example(model):
-    """data/datasets_custom/validation_dataset.py::tiv2v_sample + data/common.py::shift_position_ids with a = 64 (template head), ViT merged grid 3x4 (M = 4), latents 2x3 (Q = a + 2 + M = 70)."""
+    """data/datasets_custom/validation_dataset.py::tiv2v_sample + data/common.py::shift_position_ids with a = 64
+    (template head), ViT merged grid 3x4 (M = 4), latents 2x3 (Q = a + 2 + M = 70)."""
     seq = edit_seq(model)
     assert seq.split_lens == [64, 14, 8, 3, 5, 8, 1]
     pos = seq.position_ids()
@@ -83,7 +84,8 @@ def test_image_edit_positions_worked_example(model):
 
 
 def test_video_edit_positions_worked_example(model):
-    """Video edit (validation_dataset.py, data/common.py::shift_position_ids): ViT merged grid (2, 1, 2) (4 frames), latents (3, 2, 2) (9 frames); temporal ids step by 2."""
+    """Video edit (data/datasets_custom/validation_dataset.py, data/common.py::shift_position_ids): ViT merged
+    grid (2, 1, 2) (4 frames), latents (3, 2, 2) (9 frames); temporal ids step by 2."""
     seq = edit_seq(model, vit_grid=(2, 1, 2), lat=(3, 2, 2), vision_type="video")
     assert seq.split_lens == [64, 6, 14, 3, 5, 14, 1]
     pos = seq.position_ids()

@@ -8,7 +8,8 @@ from PIL import Image
 
 from lance_mlx import processing as P
 
-# (H, W) after data/video/transforms/bucket_resize.py::BucketResize and divisible_crop.py (docs/vision.md), ratios 21:9, 16:9, 4:3, 1:1, 3:4, 9:16.
+# (H, W) after data/video/transforms/bucket_resize.py::BucketResize and divisible_crop.py (docs/vision.md),
+# ratios 21:9, 16:9, 4:3, 1:1, 3:4, 9:16.
 SPEC_TABLE = {
     (768, 16): [(496, 1152), (576, 1024), (672, 896), (768, 768), (896, 672), (1024, 576)],
     (672, 28): [(420, 1008), (504, 896), (560, 756), (672, 672), (756, 560), (896, 504)],

@@ -58,7 +58,8 @@ def test_t2i_branches_match_golden(golden):
     np.testing.assert_array_equal(cond.noise_positions, golden["noise_query_pos"][0])
     np.testing.assert_array_equal(uncond.noise_positions, golden["noise_query_pos"][1])
     assert cond.context_len == golden["noise_query_kv_len"][0] and uncond.context_len == golden["noise_query_kv_len"][1]
-    # modeling/lance/lance.py::validation_gen_KVcache (uncond_split_pro_kvcache): cached splits keep their conditional ids, the noise block is recomputed (starts at 39)
+    # modeling/lance/lance.py::validation_gen_KVcache (uncond_split_pro_kvcache): cached splits keep their
+    # conditional ids, the noise block is recomputed (starts at 39)
     assert uncond.context_positions[1][0].tolist() == [45, 46, 47, 48, 49]
     assert uncond.noise_positions[0, 0] == 39
     assert [s.attn for s in uncond.context] == ["causal", "causal"]

@@ -160,7 +160,8 @@ def _hf_run(hf, prompt, visual, bidirectional):
     sec = torch.tensor([1.0])
     pos, _ = hf.model.get_rope_index(ids, mm, video_grid_thw=grid, second_per_grid_ts=sec)
     kw = {}
-    if bidirectional:  # Lance: the ViT block (markers included) attends both ways (lance.py::validation_und_KVcache)
+    # Lance: the ViT block (markers included) attends both ways (modeling/lance/lance.py::validation_und_KVcache)
+    if bidirectional:
         L = ids.shape[1]
         a = int(np.flatnonzero(prompt.input_ids == Q.VISION_START)[0])
         b = int(np.flatnonzero(prompt.input_ids == Q.VISION_END)[0]) + 1
