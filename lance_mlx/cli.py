@@ -154,6 +154,33 @@ def run_steps(steps, desc: str = "denoising"):
     return latents
 
 
+def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict) -> None:
+    """The generation commands' run: load (request checked first), plan, denoise with a bar, decode and write `out`
+    with `metadata` plus the settings, sizes and model; per-phase time and peak memory on stderr."""
+    from .config import OUTPUT_FPS
+    from .media import SOFTWARE
+    from .pipeline import LancePipeline
+
+    timer = PhaseTimer()
+    with timer.phase("load"):
+        pipe = LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
+    with timer.phase(encode_phase):
+        plan = pipe.plan(request)
+    with timer.phase(f"denoise {request.sampling.steps} steps"):
+        latents = run_steps(pipe.denoise(plan))
+    t, h, w = plan.latent_shape
+    frames, fps = 4 * (t - 1) + 1, getattr(request, "fps", OUTPUT_FPS)
+    meta = {**metadata, "width": 16 * w, "height": 16 * h, **request.sampling.as_metadata(), "model": args.model,
+            "dtype": args.dtype, "software": SOFTWARE}
+    if request.checkpoint == "video":
+        meta.update(frames=frames, fps=fps)
+    with timer.phase("decode + write"):
+        pipe.save(latents.reshape(1, t, h, w, -1), out, fps=fps, metadata=meta)
+    timer.summary()
+    what = f"{frames} frames at {fps:g} fps, " if request.checkpoint == "video" else ""
+    print(f"saved {out} ({what}{16 * w}x{16 * h})", file=sys.stderr)
+
+
 def fail(msg: str, code: int = 2) -> NoReturn:
     """Exit with a one-line error (no traceback) for problems the user can fix."""
     print(f"error: {msg}", file=sys.stderr)

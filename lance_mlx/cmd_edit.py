@@ -7,19 +7,17 @@ import sys
 from pathlib import Path
 
 from .cli import (
-    PhaseTimer,
     add_model_args,
     add_output_args,
     add_posterior_args,
     add_sampling_args,
+    generate_to_file,
     main_guard,
     posterior_from_args,
-    run_steps,
     sampling_from_args,
 )
 from .config import OUTPUT_FPS
-from .media import SOFTWARE, check_output
-from .pipeline import LancePipeline
+from .media import check_output
 from .processing import PRESETS
 from .tasks import IMAGE_EDIT_PRESET, VIDEO_PRESET, ImageEdit, VideoEdit
 
@@ -60,22 +58,9 @@ def run(args) -> int:
     video = args.video is not None
     out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
     request = build_request(args)
-    timer = PhaseTimer()
-    with timer.phase("load"):
-        pipe = LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
-    with timer.phase("encode source (ViT + VAE)"):
-        plan = pipe.plan(request)
-    with timer.phase(f"denoise {request.sampling.steps} steps"):
-        latents = run_steps(pipe.denoise(plan))
-    t, h, w = plan.latent_shape
     meta = {"instruction": args.instruction, "source": request.source, "preset": request.preset.name,
-            **request.sampling.as_metadata(), "posterior": request.posterior.describe(), "model": args.model,
-            "dtype": args.dtype, "software": SOFTWARE}
-    with timer.phase("decode + write"):
-        pipe.save(latents.reshape(1, t, h, w, -1), out, fps=getattr(request, "fps", OUTPUT_FPS), metadata=meta)
-    timer.summary()
-    what = f"{4 * (t - 1) + 1} frames at {request.fps:g} fps, " if video else ""
-    print(f"saved {out} ({what}{16 * w}x{16 * h})", file=sys.stderr)
+            "posterior": request.posterior.describe()}
+    generate_to_file(args, request, out, "encode source (ViT + VAE)", meta)
     return 0
 
 

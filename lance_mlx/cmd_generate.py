@@ -7,22 +7,20 @@ import sys
 from pathlib import Path
 
 from .cli import (
-    PhaseTimer,
     add_model_args,
     add_output_args,
     add_posterior_args,
     add_sampling_args,
     add_size_args,
+    generate_to_file,
     main_guard,
     posterior_from_args,
     resolve_size,
-    run_steps,
     sampling_from_args,
 )
 from .config import OUTPUT_FPS
 from .errors import InvalidRequestError
-from .media import SOFTWARE, check_output
-from .pipeline import LancePipeline
+from .media import check_output
 from .tasks import I2V_RESOLUTION, MAX_FRAMES, ImageToVideo, TextToImage, TextToVideo
 
 # Size presets when --width/--height are not given: t2i 1:1 at 768² (upstream README), video the video_480p 16:9
@@ -80,25 +78,10 @@ def run(args) -> int:
     video = args.frames != 1 or args.image is not None
     out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
     request = build_request(args)
-    timer = PhaseTimer()
-    with timer.phase("load"):
-        pipe = LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
-    with timer.phase("encode first frame (VAE)" if request.task == "i2v" else "prepare"):
-        plan = pipe.plan(request)
-    with timer.phase(f"denoise {request.sampling.steps} steps"):
-        latents = run_steps(pipe.denoise(plan))
-    t, h, w = plan.latent_shape
-    meta = {"prompt": args.prompt, "width": 16 * w, "height": 16 * h, **request.sampling.as_metadata(),
-            "model": args.model, "dtype": args.dtype, "software": SOFTWARE}
-    if video:
-        meta.update(frames=4 * (t - 1) + 1, fps=request.fps)
+    meta = {"prompt": args.prompt}
     if request.task == "i2v":
         meta.update(image=request.source, resolution=request.resolution, posterior=request.posterior.describe())
-    with timer.phase("decode + write"):
-        pipe.save(latents.reshape(1, t, h, w, -1), out, fps=getattr(request, "fps", OUTPUT_FPS), metadata=meta)
-    timer.summary()
-    what = f"{4 * (t - 1) + 1} frames at {request.fps:g} fps, " if video else ""
-    print(f"saved {out} ({what}{16 * w}x{16 * h})", file=sys.stderr)
+    generate_to_file(args, request, out, "encode first frame (VAE)" if request.task == "i2v" else "prepare", meta)
     return 0
 
 
