@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import LanceConfig, ViTConfig
+from .config import ConfigValueError, LanceConfig, ViTConfig
 from .errors import InvalidRequestError, WeightsError
 
 UPSTREAM_REPO = "bytedance-research/Lance"
@@ -175,6 +175,9 @@ def locate(path: Path, task: str = "t2i") -> ModelFiles:
     path = Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"model folder not found: {path}")
+    if not path.is_dir():
+        raise WeightsError(f"--model takes a folder or a hub repo id, but {path} is a file: pass the folder "
+                           f"that holds it ({path.parent}) or the upstream repo ({UPSTREAM_REPO})", "model")
 
     # Our converted layout: a single folder with config.json marked mlx_layout.
     cfg = path / "config.json"
@@ -305,19 +308,39 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-def _hub_error(repo_id: str, patterns: list[str]) -> WeightsError:
+def _hub_error(repo_id: str, patterns: list[str], error: Exception) -> WeightsError:
+    """One line for each way a hub download fails: no such repo (or private), gated, a server error, no network."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(error, GatedRepoError):
+        return WeightsError(f"{repo_id} is a gated repo: accept its terms on https://huggingface.co/{repo_id} and log "
+                            "in (hf auth login, or set HF_TOKEN), or pass --model with a local folder", "model")
+    if isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError)):
+        return WeightsError(f"no hub repo {repo_id} (or it is private and you are not logged in): check the name, "
+                            f"e.g. {UPSTREAM_REPO}, or pass --model with a local folder", "model")
+    if isinstance(error, HfHubHTTPError) and not isinstance(error, LocalEntryNotFoundError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        return WeightsError(f"the hub answered {status or 'an error'} for {repo_id} ({str(error).splitlines()[0]}); "
+                            "try again later, or pass --model with a local folder", "model")
     why = "HF_HUB_OFFLINE is set and they are not in the cache" if _offline() else "the hub cannot be reached"
     return WeightsError(
         f"cannot get {repo_id} files {patterns}: {why}. Download them once with network "
         f"access (hf download {repo_id} " + " ".join(f"--include '{p}'" for p in patterns)
-        + "), or pass --model with a local folder.")
+        + "), or pass --model with a local folder.", "model")
 
 
 def download(repo_id: str, subfolder: str | None, task: str) -> Path:
     """Fetch only the files `task` needs (resumable; served from the cache when HF_HUB_OFFLINE=1)."""
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+    hub_failures = (LocalEntryNotFoundError, HfHubHTTPError, OSError)  # OSError: network and cache errors
     converted = False
     if repo_id != UPSTREAM_REPO and subfolder is None:
         # Single-folder MLX layouts (ours and other ports) carry a top-level config.json next to their weights;
@@ -325,15 +348,17 @@ def download(repo_id: str, subfolder: str | None, task: str) -> Path:
         try:
             cfg = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
             converted = bool(cfg.get("mlx_layout")) or "llm" in cfg or "hidden_size" in cfg or "text_config" in cfg
-        except LocalEntryNotFoundError:
-            raise _hub_error(repo_id, hub_patterns(repo_id, None, task, True)) from None
-        except (EntryNotFoundError, json.JSONDecodeError, AttributeError):
+        except LocalEntryNotFoundError as e:  # offline / unreachable (a subclass of EntryNotFoundError)
+            raise _hub_error(repo_id, hub_patterns(repo_id, None, task, True), e) from None
+        except (EntryNotFoundError, json.JSONDecodeError, AttributeError):  # no config.json: the upstream layout
             converted = False
+        except hub_failures as e:
+            raise _hub_error(repo_id, hub_patterns(repo_id, None, task, True), e) from None
     patterns = hub_patterns(repo_id, subfolder, task, converted)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        raise _hub_error(repo_id, patterns) from None
+    except hub_failures as e:
+        raise _hub_error(repo_id, patterns, e) from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -354,6 +379,13 @@ def read_lance_config(files: ModelFiles) -> LanceConfig:
     """LanceConfig of a model folder: ours (config.json), upstream (llm_config.json + Qwen2.5-VL-ViT/config.json),
     or another port's config.json (a copy of llm_config.json, possibly mlx-vlm style with `text_config`, and an
     mlx-lm `quantization` block)."""
+    try:
+        return _lance_config(files)
+    except ConfigValueError as e:
+        raise WeightsError(f"{files.config}: {e}; fix the file, or re-download / re-convert the folder") from None
+
+
+def _lance_config(files: ModelFiles) -> LanceConfig:
     data = read_config_json(files.config)
     if files.layout == "mlx":
         return LanceConfig.from_dict(data)

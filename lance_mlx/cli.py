@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -91,6 +93,18 @@ def add_output_args(p: argparse.ArgumentParser, help_text: str) -> None:
     g.add_argument("--out", required=True, type=Path, help=help_text)
     g.add_argument("--force", action="store_true",
                    help="replace an earlier output of lance-mlx at --out (never anything else)")
+    g.add_argument("--metadata-json", nargs="?", const="", default=None, type=str, metavar="PATH",
+                   help="also write the settings as JSON, to PATH or, without one, beside the output as OUT.json")
+
+
+def sidecar_from_args(args) -> Optional[Path]:
+    """The checked `--metadata-json` path, or None when not asked for."""
+    from .media import check_sidecar, sidecar_path
+
+    if args.metadata_json is None:
+        return None
+    path = Path(args.metadata_json) if args.metadata_json else sidecar_path(args.out)
+    return check_sidecar(path, force=args.force)
 
 
 def add_size_args(p: argparse.ArgumentParser) -> None:
@@ -158,14 +172,18 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     """The generation commands' run: load (request checked first), plan, denoise with a bar, decode and write `out`
     with `metadata` plus the settings, sizes and model; per-phase time and peak memory on stderr."""
     from .config import OUTPUT_FPS
-    from .media import SOFTWARE
+    from .media import SOFTWARE, save_metadata_json
     from .pipeline import LancePipeline
 
+    sidecar = sidecar_from_args(args)
+    if hasattr(request, "latent_shape"):  # sizes known before loading (t2i, t2v); the others are checked after plan
+        check_space(out, request.latent_shape)
     timer = PhaseTimer()
     with timer.phase("load"):
         pipe = LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
     with timer.phase(encode_phase):
         plan = pipe.plan(request)
+    check_space(out, plan.latent_shape)
     with timer.phase(f"denoise {request.sampling.steps} steps"):
         latents = run_steps(pipe.denoise(plan))
     t, h, w = plan.latent_shape
@@ -176,9 +194,20 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
         meta.update(frames=frames, fps=fps)
     with timer.phase("decode + write"):
         pipe.save(latents.reshape(1, t, h, w, -1), out, fps=fps, metadata=meta)
+        if sidecar is not None:
+            save_metadata_json({**meta, "output": str(out)}, sidecar)
     timer.summary()
     what = f"{frames} frames at {fps:g} fps, " if request.checkpoint == "video" else ""
     print(f"saved {out} ({what}{16 * w}x{16 * h})", file=sys.stderr)
+
+
+def check_space(out: Path, latent_shape) -> None:
+    """Refuse before the expensive work when the output of this latent grid (t, h, w) cannot fit on its disk."""
+    from .media import check_free_space, estimate_output_bytes
+
+    t, h, w = latent_shape
+    frames = 4 * (t - 1) + 1
+    check_free_space(out, estimate_output_bytes(out, 16 * w, 16 * h, frames))
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:
@@ -195,11 +224,22 @@ def flag_message(e: LanceError) -> str:
     return msg
 
 
+class Terminated(BaseException):
+    """SIGTERM turned into an exception, so every `atomic_output` on the stack removes its partial file."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main_guard(run: Callable[[argparse.Namespace], int], parse: Callable[[Optional[Sequence[str]]], argparse.Namespace],
                argv: Optional[Sequence[str]] = None) -> int:
     """Parse, run, and turn errors into one line: `LanceError`s exit with their code (2 bad input, 1 failure while
-    running), Ctrl-C exits 130; `--debug` shows the traceback."""
+    running), Ctrl-C exits 130 and SIGTERM 143 after partial outputs are removed; `--debug` shows the traceback."""
     args = parse(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return run(args)
     except LanceError as e:
@@ -209,3 +249,9 @@ def main_guard(run: Callable[[argparse.Namespace], int], parse: Callable[[Option
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated; nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

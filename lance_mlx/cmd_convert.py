@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from .checkpoints import UPSTREAM_REPO
-from .cli import fail
+from .cli import main_guard
 from .conversion import ConversionOptions, check_destination, check_options, convert
-from .errors import LanceError
+from .errors import LanceError, WeightsError, WriteError
 from .quantize import QUANT_EXPERTS
 
 EPILOG = """examples:
@@ -41,37 +41,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64 (default), 128")
     q.add_argument("--quantize-experts", default="all", choices=QUANT_EXPERTS,
                    help="which expert's linears: all (default), und (understanding), gen (generation, *_moe_gen)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p.parse_args(argv)
 
 
 def conversion_options(args: argparse.Namespace) -> ConversionOptions:
     """The options of a parsed command line, checked (dtypes, quantization, destination) before anything is read
-    or downloaded; a bad one exits with its message."""
+    or downloaded; a bad one raises its `LanceError`."""
     options = ConversionOptions(video=args.video, dtype=args.dtype, vae_dtype=args.vae_dtype, quantize=args.quantize,
                                 group_size=args.group_size, experts=args.quantize_experts, force=args.force)
-    try:
-        check_options(options)
-        check_destination(args.out, args.force)
-    except LanceError as e:
-        fail(str(e), e.exit_code)
+    check_options(options)
+    check_destination(args.out, args.force)
     return options
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     options = conversion_options(args)
     try:
         dest = convert(args.model, args.out, options=options)
-    except LanceError as e:  # bad input, corrupt/missing files, a refused destination: no traceback
-        fail(str(e), e.exit_code)
+    except LanceError:
+        raise
     except ValueError as e:  # e.g. an unsafe or unreadable .pth (torch_checkpoint.CheckpointError)
-        fail(str(e))
+        raise WeightsError(str(e)) from None
     except OSError as e:  # e.g. the disk filled up while writing; the temporary folder is already removed
-        fail(f"conversion failed, {args.out} was left unchanged: {e}")
-    except KeyboardInterrupt:
-        fail(f"interrupted; {args.out} was left unchanged")
+        raise WriteError(f"conversion failed, {args.out} was left unchanged: {e}") from None
     print(f"wrote {dest}", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    """Ctrl-C and SIGTERM leave the destination unchanged (the staging folder is removed), see cli.main_guard."""
+    return main_guard(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -38,13 +39,46 @@ OUTPUT_FPS = 12.0
 MAX_ANSWER_TOKENS = 256
 
 
+class ConfigValueError(ValueError):
+    """A config.json value of the wrong type; the loaders add the file's name (errors.WeightsError)."""
+
+
+def _check_type(cls, name: str, default, value) -> None:
+    """A config value must have its default's type (ints for ints, numbers for floats, lists for tuples)."""
+    if default is None or isinstance(default, dict):
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple))
+        for x in value if ok and default else ():
+            _check_type(cls, f"{name}[]", default[0], x)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        kind = {bool: "true or false", int: "an integer", float: "a finite number", tuple: "a list",
+                str: "a string"}.get(type(default), type(default).__name__)
+        raise ConfigValueError(f"{cls.__name__} value {name!r} must be {kind}, got {type(value).__name__} {value!r}")
+
+
 def _from_dict(cls, d: Dict[str, Any]):
-    """Build dataclass `cls` from `d`, ignoring unknown keys (Hugging Face style configs carry many)."""
-    names = {f.name for f in fields(cls)}
+    """Build dataclass `cls` from `d`, ignoring unknown keys (Hugging Face style configs carry many); values of
+    the wrong type raise ConfigValueError naming the key."""
+    if not isinstance(d, dict):
+        raise ConfigValueError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
     kwargs = {}
-    for k, v in d.items():
-        if k in names:
-            kwargs[k] = tuple(v) if isinstance(v, list) else v
+    for f in fields(cls):
+        if f.name in d:
+            v = d[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if default is None and f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            _check_type(cls, f.name, default, v)
+            kwargs[f.name] = tuple(v) if isinstance(v, list) else v
     return cls(**kwargs)
 
 
@@ -79,10 +113,10 @@ class LLMConfig:
     def from_dict(cls, d: Dict[str, Any]) -> "LLMConfig":
         d = dict(d)
         rope = d.get("rope_scaling") or {}
-        if "mrope_section" in rope and "mrope_section" not in d:
+        if isinstance(rope, dict) and "mrope_section" in rope and "mrope_section" not in d:
             d["mrope_section"] = rope["mrope_section"]
         vision = d.get("vision_config") or {}
-        for k in ("tokens_per_second", "spatial_merge_size"):
+        for k in () if not isinstance(vision, dict) else ("tokens_per_second", "spatial_merge_size"):
             if k in vision and k not in d:
                 d[k] = vision[k]
         # Upstream always unties lm_head regardless of the file's flag (see field comment).
@@ -218,7 +252,9 @@ def build_lance_config(cfg_json: Dict[str, Any]) -> LanceConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling settings
 
-SAMPLERS = ("euler",)  # flow-matching solvers; upstream samples with Euler steps (lance.py::validation_gen_KVcache)
+# Flow-matching solvers (lance_mlx/solvers.py, docs/solvers.md); upstream samples with Euler steps
+# (lance.py::validation_gen_KVcache), the default.
+SAMPLERS = ("euler", "dpm++2m", "unipc")
 MAX_STEPS = 1000  # our bound: far past any useful schedule, small enough to fail fast on a typo
 MAX_GUIDANCE = 50.0  # our bound on guidance scales (upstream uses 4.0; beyond ~20 images saturate)
 MAX_SHIFT = 100.0  # our bound on the schedule shift (upstream 3.5; 0 would give t = 0 at every step)
@@ -294,8 +330,13 @@ class SamplingParams:
             raise InvalidRequestError(f"the guidance interval ({lo:g}, {hi:g}] is empty: its start must be below its "
                                       "end, e.g. 0.4,1.0 (upstream)")
         set_(self, "cfg_interval", (lo, hi))
-        if self.sampler not in SAMPLERS:
-            raise InvalidRequestError(f"unknown sampler {self.sampler!r}: use one of {', '.join(SAMPLERS)}")
+        if not isinstance(self.sampler, str):
+            raise InvalidTypeError(f"the sampler must be a name ({', '.join(SAMPLERS)}), got "
+                                   f"{type(self.sampler).__name__}", "sampler")
+        sampler = self.sampler.strip().lower()
+        if sampler not in SAMPLERS:
+            raise InvalidRequestError(f"unknown sampler {self.sampler!r}: use one of {', '.join(SAMPLERS)}", "sampler")
+        set_(self, "sampler", sampler)
 
     def replace(self, **changes) -> "SamplingParams":
         """A copy with some settings changed (validated again)."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import json
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional, Tuple
@@ -104,15 +108,80 @@ def check_output(path, kinds=("image", "video", "frames"), force: bool = False) 
     return path
 
 
+# Size bounds of outputs, for the free-space check before any work: PNG stays within ~1 % of raw RGB (filter byte
+# per row, zlib framing); H.264 at CRF 18 and GIF (8-bit palette) stay below raw YUV 4:2:0 (1.5 bytes per pixel).
+_BYTES_PER_PIXEL = {"image": 3.03, "frames": 3.03, "video": 1.5}
+_SLACK_BYTES = 1 << 20  # container headers, metadata, file-system blocks
+
+
+def estimate_output_bytes(path, width: int, height: int, frames: int = 1) -> int:
+    """An upper bound of the bytes an output of this size takes (`path` tells the format)."""
+    return int(_BYTES_PER_PIXEL[output_kind(path)] * width * height * frames) + _SLACK_BYTES
+
+
+def _mb(n: int) -> str:
+    return f"{max(n, 1) / 1e6:.1f} MB" if n < 1e8 else f"{n / 1e9:.2f} GB"
+
+
+def check_free_space(path, need_bytes: int) -> None:
+    """OutputError naming the folder, the need and what is free when `need_bytes` do not fit beside `path`."""
+    from .errors import OutputError
+
+    folder = Path(path).expanduser().absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise OutputError(f"not enough space on {folder} for {Path(path).name}: it needs about {_mb(need_bytes)}, "
+                          f"{_mb(free)} are free; free some space or choose an --out on another disk", "out")
+
+
+def sidecar_path(out) -> Path:
+    """Where `--metadata-json` writes by default: beside the output, its name plus `.json`."""
+    out = Path(out)
+    return out.with_name(out.name + ".json")
+
+
+def _is_own_json(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("software") == SOFTWARE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_sidecar(path, force: bool = False) -> Path:
+    """Check a metadata sidecar path before any work, with the rules of `check_output`."""
+    from .errors import OutputError
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".json":
+        raise OutputError(f"{path} is not a .json name: name the metadata file NAME.json", "metadata_json")
+    if path.is_dir() or ((path.exists() or path.is_symlink()) and not _is_own_json(path)):
+        raise OutputError(f"{path} exists and is not a lance-mlx metadata file; it is left alone: choose a free "
+                          f"name, e.g. {free_path(path)}", "metadata_json")
+    if path.exists() and not force:
+        raise OutputError(f"{path} exists (earlier lance-mlx metadata): pass --force to replace it, or choose a "
+                          f"free name, e.g. {free_path(path)}", "metadata_json")
+    return path
+
+
+def save_metadata_json(metadata: Dict[str, object], path) -> Path:
+    """Write `metadata` (which carries software=lance-mlx, the marker of our own files) as a JSON sidecar."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    return Path(path)
+
+
 @contextlib.contextmanager
-def atomic_output(dest, is_dir: bool = False) -> Iterator[Path]:
+def atomic_output(dest, is_dir: bool = False, size_hint: Optional[int] = None) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; move it onto `dest` only if the block succeeds.
 
     An interrupted or failed write never leaves a partial file under the final name. An existing folder at
     `dest` is replaced only when it is an earlier output of this tool (`is_own_output`); it is moved aside first
-    and deleted once the new one is in place.
+    and deleted once the new one is in place. A full disk becomes a `WriteError` naming the folder (and
+    `size_hint`, the bytes the output needs, when known).
     """
-    from .errors import OutputError
+    from .errors import OutputError, WriteError
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -135,13 +204,17 @@ def atomic_output(dest, is_dir: bool = False) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         if old is not None and not dest.exists():
             os.replace(old / dest.name, dest)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = f", it needs about {_mb(size_hint)}" if size_hint else ""
+            raise WriteError(f"no space left on {dest.parent} while writing {dest.name}{need}; nothing was saved: "
+                             "free some space or choose an --out on another disk") from None
         raise
     finally:
         if old is not None:
@@ -156,12 +229,19 @@ def to_uint8(pixels) -> np.ndarray:
 
 
 def save_image(image, path, metadata: Optional[Dict[str, object]] = None) -> Path:
-    """Save a PIL image or (H, W, 3) uint8 array; PNGs carry `metadata` as text chunks."""
+    """Save a PIL image or (H, W, 3) uint8 array atomically; PNGs carry `metadata` as text chunks."""
     path = Path(path)
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-    fmt = Image.registered_extensions().get(path.suffix.lower())
+    with atomic_output(path, size_hint=estimate_output_bytes(path, *img.size)) as tmp:
+        _write_image(img, tmp, path, metadata)
+    return path
+
+
+def _write_image(img: Image.Image, file: Path, dest: Path, metadata: Optional[Dict[str, object]]) -> None:
+    """Write `img` to `file` in the format of `dest`'s suffix, then check it decodes."""
+    fmt = Image.registered_extensions().get(dest.suffix.lower())
     if fmt is None:
-        raise ValueError(f"cannot tell the image format from {path.name!r}: use a .png, .jpg or .webp name")
+        raise ValueError(f"cannot tell the image format from {dest.name!r}: use a .png, .jpg or .webp name")
     kwargs = {}
     if fmt == "PNG" and metadata:
         info = PngImagePlugin.PngInfo()
@@ -172,9 +252,22 @@ def save_image(image, path, metadata: Optional[Dict[str, object]] = None) -> Pat
         exif = Image.Exif()
         exif[0x0131] = str(metadata["software"])
         kwargs["exif"] = exif
-    with atomic_output(path) as tmp:
-        img.save(tmp, format=fmt, **kwargs)
-    return path
+    img.save(file, format=fmt, **kwargs)
+    _check_image(file, dest, img.size)
+
+
+def _check_image(tmp: Path, dest: Path, size: Tuple[int, int]) -> None:
+    """The written file must decode to an image of `size`, or nothing is saved."""
+    from .errors import WriteError
+
+    try:
+        with Image.open(tmp) as im:
+            im.load()
+            ok = im.size == size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise WriteError(f"the image written for {dest} does not decode ({e}); nothing was saved") from None
+    if not ok:
+        raise WriteError(f"the image written for {dest} is not {size[0]}x{size[1]}; nothing was saved")
 
 
 def save_video(frames: Iterable[np.ndarray], path, fps: float = 12.0, size: Optional[Tuple[int, int]] = None,
@@ -193,32 +286,90 @@ def save_video(frames: Iterable[np.ndarray], path, fps: float = 12.0, size: Opti
     if suffix not in (".mp4", ".mov", ".mkv"):
         raise ValueError(f"unsupported video format {suffix!r}: use .mp4, .gif, or a name without a suffix for "
                          "a folder of PNG frames")
-    import imageio_ffmpeg
-
     frames = iter(frames)
     first = np.asarray(next(frames), dtype=np.uint8)
     h, w = first.shape[:2]
-    with atomic_output(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
-            output_params=["-crf", "18", "-movflags", "+faststart"] + _ffmpeg_metadata(metadata),
-            macro_block_size=2, ffmpeg_log_level="error")
-        writer.send(None)
-        try:
-            writer.send(np.ascontiguousarray(first))
-            for f in frames:
-                writer.send(np.ascontiguousarray(np.asarray(f, dtype=np.uint8)))
-        finally:
-            writer.close()
+    with atomic_output(path, size_hint=estimate_output_bytes(path, w, h)) as tmp:
+        count = _encode_h264(itertools.chain([first], frames), (w, h), tmp, fps, metadata)
+        _check_video(tmp, path, count, fps)
     return path
 
 
+def _encode_h264(frames, size: Tuple[int, int], tmp: Path, fps: float, metadata) -> int:
+    """Pipe uint8 RGB frames to the ffmpeg binary imageio-ffmpeg ships; returns the number sent.
+
+    ffmpeg runs directly (not through imageio_ffmpeg.write_frames) because that helper hides ffmpeg's exit status
+    and error output, which a full disk or a failed encoder only shows there. ffmpeg runs in its own session, so
+    Ctrl-C reaches only us; we stop it and the caller removes the partial file.
+    """
+    import imageio_ffmpeg
+
+    w, h = size
+    even = ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"] if (w % 2 or h % 2) else []  # yuv420p needs even sizes
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-nostdin", "-loglevel", "error",
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{fps:.6g}", "-i", "-", "-an", *even,
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "18",
+           "-movflags", "+faststart+use_metadata_tags", *_ffmpeg_metadata(metadata), "-f", "mp4", str(tmp)]
+    if tmp.suffix.lower() in (".mov", ".mkv"):
+        cmd[-2] = "mov" if tmp.suffix.lower() == ".mov" else "matroska"
+    count = 0
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True)
+        try:
+            for f in frames:
+                f = np.ascontiguousarray(np.asarray(f, dtype=np.uint8))
+                if f.shape != (h, w, 3):
+                    raise ValueError(f"frame {count} is {f.shape}, the video is ({h}, {w}, 3)")
+                proc.stdin.write(f.tobytes())
+                count += 1
+            proc.stdin.close()
+            code = proc.wait()
+        except BrokenPipeError:  # ffmpeg stopped early: its log says why
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        log.seek(0)
+        message = log.read().decode("utf-8", "replace").strip()
+    if code != 0:
+        if "No space left" in message:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        from .errors import WriteError
+
+        last = message.splitlines()[-1] if message else f"exit status {code}"
+        raise WriteError(f"ffmpeg could not write {tmp.name.split('.partial')[0].lstrip('.')}{tmp.suffix}: {last}; "
+                         "nothing was saved")
+    return count
+
+
+def _check_video(tmp: Path, dest: Path, count: int, fps: float) -> None:
+    """The written file must decode to `count` frames lasting about count/fps seconds, or nothing is saved."""
+    import imageio_ffmpeg
+
+    from .errors import WriteError
+
+    try:
+        n, secs = imageio_ffmpeg.count_frames_and_secs(str(tmp))
+    except (RuntimeError, OSError, ValueError) as e:
+        raise WriteError(f"the video written for {dest} does not decode ({str(e).strip()[-200:]}); nothing was "
+                         "saved") from None
+    if n != count or abs(secs - count / fps) > 1.5 / fps + 0.05:
+        raise WriteError(f"the video written for {dest} has {n} frames / {secs:.2f} s instead of {count} / "
+                         f"{count / fps:.2f} s; nothing was saved")
+
+
 def _ffmpeg_metadata(metadata: Optional[Dict[str, object]]) -> list:
-    """Every setting in one `comment` tag as JSON (ffprobe shows it), the prompt also as `title`."""
+    """Every setting as its own tag (ffprobe lists them), all of them again as JSON in `comment` (the marker of
+    our own outputs), and the prompt as `title` for players."""
     if not metadata:
         return []
     meta = {str(k): v if isinstance(v, (int, float, bool)) else str(v) for k, v in metadata.items()}
     out = ["-metadata", "comment=" + json.dumps(meta, ensure_ascii=False)]
+    for k, v in meta.items():
+        if k not in ("comment", "title") and re.fullmatch(r"[a-z_]+", k):
+            out += ["-metadata", f"{k}={v}"]
     title = meta.get("prompt") or meta.get("instruction")
     return out + (["-metadata", f"title={title}"] if title else [])
 
@@ -226,16 +377,39 @@ def _ffmpeg_metadata(metadata: Optional[Dict[str, object]]) -> list:
 def _save_gif(frames, path: Path, fps: float, metadata) -> Path:
     imgs = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
     extra = {"comment": json.dumps({str(k): str(v) for k, v in metadata.items()})} if metadata else {}
-    with atomic_output(path) as tmp:
-        imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=int(round(1000 / fps)),
-                     loop=0, **extra)
+    duration = int(round(1000 / fps))
+    with atomic_output(path, size_hint=estimate_output_bytes(path, *imgs[0].size, len(imgs))) as tmp:
+        imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=duration, loop=0, **extra)
+        _check_gif(tmp, path, imgs[0].size, len(imgs) * duration, len(imgs))
     return path
 
 
+def _check_gif(tmp: Path, dest: Path, size: Tuple[int, int], total_ms: int, count: int) -> None:
+    """The GIF must decode at `size` and last `total_ms` (PIL merges repeated frames, adding their durations; GIF
+    stores centiseconds, so each frame may lose up to 10 ms)."""
+    from .errors import WriteError
+
+    try:
+        with Image.open(tmp) as im:
+            ok, shown = im.size == size, 0
+            for i in range(im.n_frames):
+                im.seek(i)
+                shown += im.info.get("duration", 0)
+    except (OSError, ValueError, EOFError) as e:
+        raise WriteError(f"the GIF written for {dest} does not decode ({e}); nothing was saved") from None
+    if not ok or abs(shown - total_ms) > 10 * count:
+        raise WriteError(f"the GIF written for {dest} is not the {size[0]}x{size[1]}, {total_ms} ms animation that "
+                         "was sent; nothing was saved")
+
+
 def _save_png_frames(frames, path: Path, metadata) -> Path:
-    with atomic_output(path, is_dir=True) as tmp:
-        for i, f in enumerate(frames):
-            save_image(f, tmp / f"frame_{i:05d}.png", metadata)
+    frames = iter(frames)
+    first = np.asarray(next(frames), dtype=np.uint8)
+    h, w = first.shape[:2]
+    with atomic_output(path, is_dir=True, size_hint=estimate_output_bytes(path, w, h)) as tmp:
+        for i, f in enumerate(itertools.chain([first], frames)):
+            name = f"frame_{i:05d}.png"
+            _write_image(Image.fromarray(np.asarray(f, dtype=np.uint8)), tmp / name, path / name, metadata)
     return path
 
 

@@ -79,8 +79,10 @@ def get_preset(preset: Union[str, Preset]) -> Preset:
 
 
 def load_image(image: Union[str, Path, Image.Image]) -> Image.Image:
-    """Open an image as RGB the way upstream does: palette -> RGBA, RGBA composited on white, else RGB.
-    16-bit images are scaled to 8 bits first (PIL's own conversion to RGB would clip them to white)."""
+    """Open an image as RGB the way upstream does (validation_dataset.py::get_video_tensor_online): palette ->
+    RGBA, RGBA composited on white, else RGB. 16-bit images are scaled to 8 bits first (PIL's own conversion to
+    RGB would clip them to white). Gray+alpha (LA) is composited on white like RGBA, where upstream's plain
+    convert("RGB") would drop its alpha (docs/upstream-notes.md)."""
     if isinstance(image, Image.Image):
         img, name = image, "image"
     else:
@@ -106,7 +108,7 @@ def load_image(image: Union[str, Path, Image.Image]) -> Image.Image:
         raise ValueError(f"{name}: cannot decode image data ({e})") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, never clip
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
-    if img.mode == "P":
+    if img.mode in ("P", "LA", "La", "PA"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
         background = Image.new("RGB", img.size, (255, 255, 255))

@@ -238,8 +238,13 @@ def test_palette_transparency_and_other_modes(tmp_path):
     assert tuple(np.asarray(P.load_image(tmp_path / "p.png"))[0, 0]) == (255, 255, 255)
     gray = P.load_image(Image.new("L", (3, 3), 77))
     assert gray.mode == "RGB" and tuple(np.asarray(gray)[0, 0]) == (77, 77, 77)
-    la = P.load_image(Image.new("LA", (3, 3), (77, 0)))  # upstream only composites RGBA / palette images
-    assert tuple(np.asarray(la)[0, 0]) == (77, 77, 77)
+    # gray+alpha is composited on white exactly like the same picture in RGBA (upstream would drop its alpha)
+    for alpha in (0, 128, 255):
+        la = P.load_image(Image.new("LA", (3, 3), (77, alpha)))
+        rgba = P.load_image(Image.new("RGBA", (3, 3), (77, 77, 77, alpha)))
+        assert la.mode == "RGB" and np.array_equal(np.asarray(la), np.asarray(rgba))
+    assert tuple(np.asarray(P.load_image(Image.new("LA", (3, 3), (77, 0))))[0, 0]) == (255, 255, 255)
+    assert tuple(np.asarray(P.load_image(Image.new("LA", (3, 3), (77, 255))))[0, 0]) == (77, 77, 77)
 
 
 def test_image_error_paths(tmp_path):
