@@ -1,0 +1,80 @@
+"""A local OpenAI-compatible server for Lance on MLX: images, videos and understanding over HTTP, with a web page."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .checkpoints import UPSTREAM_REPO
+from .loading import DTYPES
+from .server.settings import MAX_BODY_MB, MAX_IMAGES, MAX_PIXELS, MAX_QUEUE, MAX_STEPS
+from .tasks import MAX_FRAMES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=UPSTREAM_REPO,
+                   help=f"model folder or hub repo id (default {UPSTREAM_REPO}); the upstream layout holds both the "
+                        "image and the video checkpoint, each loaded when a request needs it")
+    m.add_argument("--video-model", default=None,
+                   help="folder with the video checkpoint when --model holds only the image one (e.g. two "
+                        "convert.py folders)")
+    m.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
+                   help="compute dtype of the LLM and ViT (default bfloat16)")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network, "
+                        "use --api-key then)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route except /health and the page itself")
+    s.add_argument("--output-dir", type=Path, default=Path("lance-outputs"),
+                   help="where outputs and the history database go (default ./lance-outputs)")
+    s.add_argument("--allow-local-files", action="store_true",
+                   help="let requests name local files (file:// URLs or paths) as inputs; off by default")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                     help=f"jobs that may wait behind the running one; more get 429 (default {MAX_QUEUE})")
+    lim.add_argument("--max-steps", type=int, default=MAX_STEPS, help=f"most denoising steps (default {MAX_STEPS})")
+    lim.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                     help=f"most output pixels, width x height (default {MAX_PIXELS})")
+    lim.add_argument("--max-frames", type=int, default=MAX_FRAMES, help=f"most video frames (default {MAX_FRAMES})")
+    lim.add_argument("--max-images", type=int, default=MAX_IMAGES, help=f"largest n per image request "
+                                                                           f"(default {MAX_IMAGES})")
+    lim.add_argument("--max-body-mb", type=int, default=MAX_BODY_MB,
+                     help=f"largest request body in MiB (default {MAX_BODY_MB})")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p.parse_args(argv)
+
+
+def build_config(args):
+    from .server.settings import ServerConfig
+
+    for name in ("max_queue", "max_steps", "max_pixels", "max_frames", "max_images", "max_body_mb"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"error: --port must be in [0, 65535], got {args.port}")
+    return ServerConfig(model=args.model, video_model=args.video_model, output_dir=args.output_dir, dtype=args.dtype,
+                        api_key=args.api_key, max_queue=args.max_queue, allow_local_files=args.allow_local_files,
+                        max_body_bytes=args.max_body_mb * 2**20, max_steps=args.max_steps,
+                        max_pixels=args.max_pixels, max_frames=args.max_frames, max_images=args.max_images)
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    from .server import create_app
+
+    args = parse_args(argv)
+    config = build_config(args)
+    print(f"lance-mlx server on http://{args.host}:{args.port}/ (outputs and history in {config.output_dir})",
+          file=sys.stderr)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""FastAPI routes: OpenAI's images, chat and videos APIs, job events and cancel, history, the web page."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..checkpoints import IMAGE_LLM_DIR, TASKS, VIDEO_LLM_DIR, checkpoint_kind_for
+from ..errors import InvalidRequestError, InvalidTypeError, LanceError
+from ..processing import ASPECT_RATIOS, PRESETS, bucket_table
+from . import schemas, views
+from .history import History
+from .jobs import Engine, Job, QueueFull
+from .schemas import ApiError, Fields, Parsed, Upload
+from .settings import HISTORY_PAGE, ServerConfig
+
+log = logging.getLogger("lance_mlx.server")
+STATIC = Path(__file__).parent / "static"
+PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # no API key needed: no data behind them
+PRESET_RESOLUTIONS = (256, 384, 512, 640, 768, 1024)  # areas offered by the page's aspect-ratio presets
+MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 64
+INTERRUPTED = "the server stopped while this job was queued or running (restart, crash or kill)"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key and the body-size limit."""
+
+    def __init__(self, app, api_key: Optional[str], max_body: int):
+        self.app, self.key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        path = scope.get("path", "")
+        if self.key and path not in PUBLIC_PATHS and not path.startswith("/static/"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.key.encode()):
+                return await _reply(send, ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                                   code="invalid_api_key"))
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _reply(send, ApiError(400, "bad Content-Length header"))
+            if int(length) > self.max_body:
+                return await _reply(send, _too_large(self.max_body))
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise BodyTooLarge
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is above this server's limit of {limit // 2**20} MiB", code="too_large")
+
+
+async def _reply(send, error: ApiError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def lance_error(e: LanceError) -> ApiError:
+    """A request error of the task layer as a 400; anything else the model raised as a 500."""
+    if isinstance(e, (InvalidRequestError, InvalidTypeError)):
+        return ApiError(400, str(e), param=e.param, code="invalid_value")
+    return ApiError(500, str(e), "server_error", e.param, type(e).__name__)
+
+
+def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = None) -> FastAPI:
+    """The app of one server: its history, worker and routes. `loader(kind)` builds a pipeline (tests pass one)."""
+    state: Dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        config.outputs.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(config.outputs / ".inputs", ignore_errors=True)  # scratch copies of uploaded videos
+        for stale in config.outputs.glob(".*.partial*"):  # atomic writes a killed process left behind
+            stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
+        history = History(config.database)
+        failed = history.fail_interrupted(INTERRUPTED)
+        if failed:
+            log.warning("marked %d interrupted job(s) failed", failed)
+        engine = Engine(config, history, loader)
+        engine.start()
+        state.update(history=history, engine=engine)
+        try:
+            yield
+        finally:
+            engine.stop()
+            history.close()
+
+    app = FastAPI(title="lance-mlx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_body_bytes)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # -------------------------------------------------------------------------------------------- errors
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return _error_response(e)
+
+    @app.exception_handler(LanceError)
+    async def _lance_error(request, e: LanceError):
+        return _error_response(lance_error(e))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request, e):
+        return _error_response(_too_large(config.max_body_bytes))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, e: RequestValidationError):
+        return _error_response(ApiError(400, f"invalid request: {e.errors()[:1]}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return _error_response(ApiError(e.status_code, str(e.detail), code=code))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return _error_response(ApiError(500, f"internal error: {type(e).__name__}", "server_error"))
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def engine() -> Engine:
+        return state["engine"]
+
+    def history() -> History:
+        return state["history"]
+
+    async def body(request: Request) -> Tuple[Fields, Dict[str, Upload]]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            try:
+                form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS,
+                                          max_part_size=config.max_body_bytes)
+            except BodyTooLarge:
+                raise
+            except Exception as e:  # malformed or truncated multipart: the parser's message says where
+                raise ApiError(400, f"malformed form body: {e}") from None
+            values, files = {}, {}
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    files[key] = Upload(value.filename or "", value.content_type or "", await value.read())
+                else:
+                    values[key] = value
+            return Fields(values, form=True), files
+        if ctype in ("application/json", ""):
+            return schemas.parse_json(await request.body()), {}
+        raise ApiError(415, f"unsupported content type {ctype!r}: send application/json or multipart/form-data",
+                       code="unsupported_media_type")
+
+    def submit(parsed: Parsed) -> Job:
+        job = Job(parsed.object, parsed.request, parsed.settings, _model_name(config, parsed.request.checkpoint),
+                  n=parsed.n)
+        try:
+            return engine().submit(job)
+        except QueueFull as e:
+            raise ApiError(429, "the job queue is full; retry later", "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+
+    async def finished(job: Job) -> Job:
+        async for _ in job.events.follow():
+            pass
+        return job
+
+    def failure(job: Job) -> ApiError:
+        if job.status == "cancelled":
+            return ApiError(409, f"job {job.id} was cancelled", code="cancelled")
+        err = job.error or {}
+        status = 400 if err.get("code") == "invalid_request" else 500
+        return ApiError(status, err.get("message", "the job failed"), "invalid_request_error" if status == 400
+                        else "server_error", err.get("param"), err.get("code"))
+
+    def record(job_id: str) -> Tuple[Dict[str, Any], int]:
+        job = engine().active(job_id)
+        if job is not None:
+            return job.record(), engine().position(job)
+        rec = history().get(job_id)
+        if rec is None:
+            raise ApiError(404, f"no job {job_id!r}", param="id", code="not_found")
+        return rec, 0
+
+    def listing(objects: Optional[tuple], limit: int, after: Optional[str]) -> Dict[str, Any]:
+        limit = max(1, min(limit, HISTORY_PAGE))
+        rows = history().list(limit + 1, objects, after)
+        data = [views.job_object(r) for r in rows[:limit]]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+
+    # -------------------------------------------------------------------------------------------- routes
+    @app.get("/health")
+    async def health():
+        e = engine()
+        running = e.running
+        return {"status": "ok", "resident": e.resident, "running": running.id if running else None,
+                "queued": e.queued}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models():
+        resident = engine().resident
+        data = []
+        for kind, name in (("image", IMAGE_LLM_DIR), ("video", VIDEO_LLM_DIR)):
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "bytedance-research",
+                         "root": config.model_for(kind), "checkpoint": kind, "resident": resident == kind,
+                         "tasks": [t for t in TASKS if checkpoint_kind_for(t) == kind]})
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/presets")
+    async def presets():
+        return {"aspect_ratios": list(ASPECT_RATIOS),
+                "buckets": {str(r): {a: {"width": w, "height": h} for a, (h, w) in zip(ASPECT_RATIOS,
+                                                                                        bucket_table(r))}
+                            for r in PRESET_RESOLUTIONS},
+                "presets": list(PRESETS),
+                "limits": {"max_steps": config.max_steps, "max_pixels": config.max_pixels,
+                           "max_frames": config.max_frames, "max_images": config.max_images,
+                           "max_body_bytes": config.max_body_bytes, "max_queue": config.max_queue}}
+
+    @app.post("/v1/images/generations")
+    async def image_generations(request: Request):
+        fields, _ = await body(request)
+        parsed = await run_in_threadpool(schemas.image_generation, fields, config)
+        return await image_result(parsed)
+
+    @app.post("/v1/images/edits")
+    async def image_edits(request: Request):
+        fields, files = await body(request)
+        parsed = await run_in_threadpool(schemas.image_edit, fields, files, config)
+        return await image_result(parsed)
+
+    async def image_result(parsed: Parsed):
+        job = await finished(submit(parsed))
+        if job.status != "completed":
+            raise failure(job)
+        return await run_in_threadpool(views.images_response, job, config, parsed.response_format)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        fields, _ = await body(request)
+        parsed = await run_in_threadpool(schemas.chat, fields, config)
+        include_usage = isinstance(fields.values.get("stream_options"), dict) and bool(
+            fields.values["stream_options"].get("include_usage"))
+        job = submit(parsed)
+        if not parsed.stream:
+            await finished(job)
+            if job.status != "completed":
+                raise failure(job)
+            return views.chat_response(job)
+        return StreamingResponse(chat_stream(job, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def chat_stream(job: Job, include_usage: bool):
+        try:
+            yield views.chat_chunk(job, {"role": "assistant", "content": ""})
+            async for event in job.events.follow():
+                if event["type"] == "text":
+                    yield views.chat_chunk(job, {"content": event["delta"]})
+            if job.status == "completed":
+                yield views.chat_chunk(job, {}, job.finish_reason or "stop")
+                if include_usage:
+                    yield views.chat_chunk(job, {}, usage=job.usage)
+            else:
+                yield views.sse(failure(job).body())
+            yield views.sse("[DONE]")
+        finally:
+            if not job.done.is_set():  # the client went away: stop generating for nobody
+                engine().cancel(job.id)
+
+    @app.post("/v1/videos")
+    async def create_video(request: Request):
+        fields, files = await body(request)
+        parsed = await run_in_threadpool(schemas.video_job, fields, files, config)
+        job = submit(parsed)
+        return views.job_object(job.record(), engine().position(job))
+
+    @app.post("/v1/jobs")
+    async def create_job(request: Request):
+        fields, files = await body(request)
+        parsed = await run_in_threadpool(schemas.job, fields, files, config)
+        job = submit(parsed)
+        return views.job_object(job.record(), engine().position(job))
+
+    @app.get("/v1/videos")
+    async def list_videos(limit: int = 20, after: Optional[str] = None):
+        return listing(("video",), limit, after)
+
+    @app.get("/v1/jobs")
+    async def list_jobs(limit: int = 20, after: Optional[str] = None):
+        return listing(None, limit, after)
+
+    @app.get("/v1/videos/{job_id}")
+    async def get_video(job_id: str):
+        return views.job_object(*video_record(job_id))
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str):
+        return views.job_object(*record(job_id))
+
+    def video_record(job_id: str):
+        rec, position = record(job_id)
+        if rec["object"] != "video":
+            raise ApiError(404, f"no video {job_id!r}", param="id", code="not_found")
+        return rec, position
+
+    @app.get("/v1/videos/{job_id}/content")
+    async def video_content(job_id: str, variant: str = "video"):
+        if variant != "video":
+            raise ApiError(400, f"variant {variant!r} is not available; use video", param="variant")
+        return content(video_record(job_id)[0], 0)
+
+    @app.get("/v1/jobs/{job_id}/content")
+    async def job_content(job_id: str, index: int = 0):
+        return content(record(job_id)[0], index)
+
+    def content(rec: Dict[str, Any], index: int):
+        path = views.output_file(config, rec, index)
+        if path is None:
+            state_ = "is " + rec["status"] if rec["status"] != "completed" else "has no such output"
+            raise ApiError(404, f"job {rec['id']} {state_}", param="index", code="not_found")
+        return FileResponse(path, media_type=views.CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+                            filename=path.name)
+
+    @app.delete("/v1/videos/{job_id}")
+    async def delete_video(job_id: str):
+        rec, _ = video_record(job_id)
+        job = engine().cancel(job_id)
+        if job is not None:
+            await finished(job)
+            rec = job.record()
+        for name in rec.get("outputs") or []:
+            (config.outputs / Path(name).name).unlink(missing_ok=True)
+        history().delete(job_id)
+        return {"id": job_id, "object": "video.deleted", "deleted": True}
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    async def cancel(job_id: str):
+        rec, _ = record(job_id)
+        job = engine().cancel(job_id)
+        if job is None:
+            raise ApiError(409, f"job {job_id} is already {rec['status']}", param="id", code="not_cancellable")
+        out = views.job_object(job.record())
+        out["cancel_requested"] = True
+        return out
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def events(job_id: str):
+        job = engine().active(job_id)
+        if job is None:
+            rec, _ = record(job_id)
+
+            async def replay():
+                yield views.sse({"type": "done", "status": rec["status"], "job": views.job_object(rec)}, "done")
+            return StreamingResponse(replay(), media_type="text/event-stream")
+
+        async def follow():
+            async for event in job.events.follow():
+                if event["type"] == "done":
+                    event = {**event, "job": views.job_object(job.record())}
+                yield views.sse(event, event["type"])
+        return StreamingResponse(follow(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    app.state.server = state
+    return app
+
+
+def _model_name(config: ServerConfig, kind: str) -> str:
+    return VIDEO_LLM_DIR if kind == "video" else IMAGE_LLM_DIR

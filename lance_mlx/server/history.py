@@ -1,0 +1,118 @@
+"""Job history in SQLite (WAL): every job's settings, status, outputs and error, kept across restarts."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+# Columns stored as JSON text.
+_JSON_COLUMNS = ("settings", "outputs", "error")
+_COLUMNS = ("id", "object", "task", "status", "progress", "created_at", "started_at", "completed_at", "model",
+            "prompt", "settings", "outputs", "error", "answer")
+ACTIVE = ("queued", "in_progress")
+FINISHED = ("completed", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    object TEXT NOT NULL,          -- "image", "video" or "chat.completion"
+    task TEXT NOT NULL,            -- t2i, t2v, i2v, image_edit, video_edit, x2t_image, x2t_video
+    status TEXT NOT NULL,          -- queued, in_progress, completed, failed, cancelled
+    progress INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    started_at INTEGER,
+    completed_at INTEGER,
+    model TEXT,
+    prompt TEXT,
+    settings TEXT NOT NULL,        -- JSON: the request's settings, enough to run it again
+    outputs TEXT NOT NULL,         -- JSON list of file names under the outputs folder
+    error TEXT,                    -- JSON {"code", "message"} of a failed job
+    answer TEXT                    -- the text of an understanding job
+);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
+"""
+
+
+class History:
+    """One connection shared by the server's threads under a lock (each statement is short)."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10.0)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, record: Dict[str, Any]) -> None:
+        row = {c: _encode(c, record.get(c)) for c in _COLUMNS}
+        row["outputs"] = row["outputs"] or "[]"
+        row["settings"] = row["settings"] or "{}"
+        with self._lock:
+            self._db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                             [row[c] for c in _COLUMNS])
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        unknown = set(fields) - set(_COLUMNS)
+        if unknown:
+            raise KeyError(f"unknown history columns {sorted(unknown)}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [_encode(k, v) for k, v in fields.items()]
+                             + [job_id])
+
+    def get(self, job_id: str) -> Optional[Dict[str, Any]]:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _decode(row)
+
+    def list(self, limit: int, objects: Optional[tuple] = None, after: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Newest first; `after` (an id) continues a listing past that job."""
+        where, args = [], []
+        if objects:
+            where.append(f"object IN ({', '.join('?' * len(objects))})")
+            args.extend(objects)
+        if after:
+            where.append("(created_at, id) < (SELECT created_at, id FROM jobs WHERE id = ?)")
+            args.append(after)
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", args + [limit]).fetchall()
+        return [_decode(r) for r in rows]
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def fail_interrupted(self, reason: str) -> int:
+        """Mark jobs left queued or running by a process that died as failed; returns how many."""
+        error = _encode("error", {"code": "server_restarted", "message": reason})
+        with self._lock:
+            cur = self._db.execute(f"UPDATE jobs SET status = 'failed', error = ?, completed_at = ? WHERE status IN "
+                                   f"({', '.join('?' * len(ACTIVE))})", [error, int(time.time()), *ACTIVE])
+        return cur.rowcount
+
+
+def _encode(column: str, value: Any) -> Any:
+    if column in _JSON_COLUMNS and value is not None:
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _decode(row: sqlite3.Row) -> Dict[str, Any]:
+    out = dict(row)
+    for c in _JSON_COLUMNS:
+        if out.get(c) is not None:
+            out[c] = json.loads(out[c])
+    return out

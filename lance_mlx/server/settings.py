@@ -1,0 +1,49 @@
+"""Server settings: the model to serve, where outputs and history go, and the limits every request is held to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..checkpoints import UPSTREAM_REPO
+from ..tasks import MAX_FRAMES
+
+# Our serving limits (none are upstream's): they bound what one request may cost before it reaches the queue.
+MAX_BODY_MB = 64  # a request body: a few input images or a short video as data URLs or uploads
+MAX_STEPS = 100  # upstream samples 30 steps; more rarely helps and blocks the one worker for long
+MAX_PIXELS = 1024 * 1024  # width x height of an output (the model's position table stops at 1024 per side)
+MAX_IMAGES = 4  # `n` of one image request
+MAX_QUEUE = 16  # jobs waiting behind the running one
+HISTORY_PAGE = 100  # default and largest page of GET /v1/videos and /v1/jobs
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What `serve.py` passes to `create_app`. `model` is a folder or hub id holding the image checkpoint (the
+    upstream root holds both); `video_model` one with the video checkpoint (default: `model`)."""
+
+    model: str = UPSTREAM_REPO
+    video_model: Optional[str] = None
+    output_dir: Path = Path("lance-outputs")
+    dtype: str = "bfloat16"
+    api_key: Optional[str] = None
+    max_queue: int = MAX_QUEUE
+    allow_local_files: bool = False
+    max_body_bytes: int = MAX_BODY_MB * 2**20
+    max_steps: int = MAX_STEPS
+    max_pixels: int = MAX_PIXELS
+    max_frames: int = MAX_FRAMES
+    max_images: int = MAX_IMAGES
+
+    def model_for(self, kind: str) -> str:
+        """The folder or repo id to load the `kind` ("image" / "video") checkpoint from."""
+        return (self.video_model or self.model) if kind == "video" else self.model
+
+    @property
+    def outputs(self) -> Path:
+        return Path(self.output_dir) / "outputs"
+
+    @property
+    def database(self) -> Path:
+        return Path(self.output_dir) / "history.sqlite3"

@@ -1,0 +1,81 @@
+"""Response bodies: job objects in the shape of OpenAI's video object, image results, chat completions, SSE frames."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .jobs import Job
+from .settings import ServerConfig
+
+CONTENT_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
+
+
+def job_object(record: Dict[str, Any], position: int = 0) -> Dict[str, Any]:
+    """A job as the API shows it: OpenAI's video fields (id, object, model, status, progress, created_at,
+    completed_at, size, seconds, error) plus Lance's task, settings and output URLs."""
+    settings = record.get("settings") or {}
+    out = {"id": record["id"], "object": record["object"], "model": record.get("model"), "status": record["status"],
+           "progress": record.get("progress") or 0, "created_at": record["created_at"],
+           "completed_at": record.get("completed_at"), "task": record["task"], "prompt": record.get("prompt"),
+           "settings": settings, "error": record.get("error"),
+           "outputs": [f"/v1/jobs/{record['id']}/content?index={i}" for i in range(len(record.get("outputs") or []))]}
+    if record["object"] == "video":
+        out.update(size=settings.get("size"), seconds=settings.get("seconds"))
+    if record["object"] == "chat.completion":
+        out["answer"] = record.get("answer")
+    if position:
+        out["queue_position"] = position
+    return out
+
+
+def images_response(job: Job, config: ServerConfig, response_format: str) -> Dict[str, Any]:
+    """OpenAI's images response: {created, data: [{b64_json | url, revised_prompt}]}."""
+    data = []
+    for i, name in enumerate(job.outputs):
+        item: Dict[str, Any] = {"revised_prompt": job.request.text}
+        if response_format == "url":
+            item["url"] = f"/v1/jobs/{job.id}/content?index={i}"
+        else:
+            item["b64_json"] = base64.b64encode((config.outputs / name).read_bytes()).decode("ascii")
+        data.append(item)
+    return {"created": job.created_at, "data": data}
+
+
+def chat_response(job: Job) -> Dict[str, Any]:
+    return {"id": job.id, "object": "chat.completion", "created": job.created_at, "model": job.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": job.answer},
+                         "finish_reason": job.finish_reason or "stop"}],
+            "usage": job.usage}
+
+
+def chat_chunk(job: Job, delta: Dict[str, Any], finish_reason: Optional[str] = None,
+               usage: Optional[Dict[str, int]] = None) -> str:
+    """One `chat.completion.chunk` as an SSE data line."""
+    body: Dict[str, Any] = {"id": job.id, "object": "chat.completion.chunk", "created": job.created_at,
+                            "model": job.model,
+                            "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    if usage:
+        body["usage"] = usage
+    return sse(body)
+
+
+def sse(data: Any, event: Optional[str] = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def output_file(config: ServerConfig, record: Dict[str, Any], index: int) -> Optional[Path]:
+    """The output file `index` of a job, only if it is one of the job's own outputs and still exists."""
+    outputs = record.get("outputs") or []
+    if not 0 <= index < len(outputs):
+        return None
+    path = config.outputs / Path(outputs[index]).name
+    return path if path.is_file() else None
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,90 @@
+"""The web page in a real browser (Debian's chromium + chromium-driver through Selenium): generate an image on the
+tiny checkpoint, watch progress and the result, find it in the history after a server restart, save a screenshot."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from server_helpers import ROOT, free_port, start_server, stop_server
+
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+DRIVER = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
+ARTIFACTS = Path(os.environ.get("LANCE_TEST_ARTIFACTS", ROOT / "out" / "test-artifacts"))
+
+
+def _first(paths, what):
+    for p in paths:
+        if Path(p).is_file():
+            return p
+    pytest.fail(f"{what} not found at {', '.join(paths)}: apt-get install chromium chromium-driver (.ci/run does)")
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = _first(CHROMIUM, "chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(_first(DRIVER, "chromedriver")))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+# Records every text the status line shows, so the test sees progress even when the tiny job is over in a blink.
+WATCH_STATUS = """
+window.statusLog = [];
+new MutationObserver(() => window.statusLog.push(document.getElementById('status').textContent))
+  .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});
+"""
+
+
+def test_page_generates_an_image_and_keeps_it_in_history(upstream_root, tmp_path, browser):
+    out, port = tmp_path / "served", free_port()
+    proc, base = start_server(upstream_root, out, port=port)
+    try:
+        browser.get(base + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_element(By.ID, "aspect").find_elements(By.TAG_NAME, "option"))
+        assert "21:9" in browser.find_element(By.ID, "aspect").text  # upstream's aspect presets are offered
+        browser.find_element(By.ID, "prompt").send_keys("a lighthouse at dusk")
+        for field, value in (("width", 32), ("height", 32), ("steps", 2), ("seed", 7)):
+            el = browser.find_element(By.ID, field)
+            el.clear()
+            el.send_keys(str(value))
+        browser.execute_script(WATCH_STATUS)
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result img.output"))
+        img = browser.find_element(By.CSS_SELECTOR, "#result img.output")
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
+        assert browser.execute_script("return arguments[0].naturalWidth", img) == 32
+        log = browser.execute_script("return window.statusLog")
+        assert any(s.startswith("Step 2 / 2") for s in log), log
+        assert browser.find_element(By.ID, "status").text == "Done."
+        assert browser.execute_script("return document.getElementById('progress').value") == 100
+    finally:
+        stop_server(proc)
+
+    proc, base = start_server(upstream_root, out, port=port)  # a new process on the same output folder
+    try:
+        browser.refresh()
+        wait = WebDriverWait(browser, 60)
+        card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#history .card.completed"))[0]
+        assert "a lighthouse at dusk" in card.text and "t2i" in card.text
+        wait.until(lambda d: card.find_elements(By.CSS_SELECTOR, ".media img"))
+        card.find_element(By.CSS_SELECTOR, "button.reuse").click()
+        assert browser.find_element(By.ID, "seed").get_attribute("value") == "7"
+        assert browser.find_element(By.ID, "prompt").get_attribute("value") == "a lighthouse at dusk"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "server.png"
+        assert browser.save_screenshot(str(shot))
+        if os.environ.get("LANCE_UPDATE_SCREENSHOT"):
+            shutil.copyfile(shot, ROOT / "docs" / "server.png")
+    finally:
+        stop_server(proc)
