@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .cli import PhaseTimer, add_model_args, add_seed_arg, main_guard
 from .config import MAX_ANSWER_TOKENS
+from .media import SOFTWARE, check_sidecar, save_metadata_json
 from .pipeline import LancePipeline
 from .processing import PRESETS
 from .tasks import Understand
@@ -30,6 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_seed_arg(g, default=0)
     g.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="input resolution preset (default image_768res for images, video_480p for videos)")
+    o = p.add_argument_group("output")
+    o.add_argument("--metadata-json", type=Path, default=None, metavar="PATH",
+                   help="also write the answer with its question, input and settings as JSON to PATH")
+    o.add_argument("--force", action="store_true", help="replace an earlier --metadata-json file of lance-mlx")
     add_model_args(p)
     return p.parse_args(argv)
 
@@ -40,6 +45,7 @@ def run(args) -> int:
     request = Understand(media, args.question, video=args.video is not None, preset=args.preset,
                          max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          source=str(media))
+    sidecar = None if args.metadata_json is None else check_sidecar(args.metadata_json, force=args.force)
     timer = PhaseTimer()
     with timer.phase("load"):
         pipe = LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
@@ -54,6 +60,11 @@ def run(args) -> int:
     print(f"[generate] {r.generated_tokens} tokens, {r.tokens_per_second:.2f} tokens/s, stopped by "
           f"{'<|im_end|>' if r.finish_reason == 'stop' else 'max tokens'}, peak memory {r.peak_memory_gb:.2f} GB",
           file=sys.stderr)
+    if sidecar is not None:
+        save_metadata_json({"answer": r.text, "question": args.question, "input": str(media),
+                            "task": request.task, "max_tokens": args.max_tokens, "temperature": args.temperature,
+                            "top_p": args.top_p, "seed": args.seed, "finish_reason": r.finish_reason,
+                            "model": args.model, "dtype": args.dtype, "software": SOFTWARE}, sidecar)
     return 0
 
 

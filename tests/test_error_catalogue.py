@@ -362,3 +362,17 @@ def test_image_modes_are_normalized(work):
     assert tuple(np.asarray(load_image(work / "g16.png"))[0, 0]) == (117, 117, 117)  # 30000 / 257, not clipped
     Image.new("LA", (4, 4), (10, 0)).save(work / "la.png")
     assert tuple(np.asarray(load_image(work / "la.png"))[0, 0]) == (255, 255, 255)  # transparent -> white
+
+
+def test_caption_metadata_json(converted, work, capsys):
+    argv = ["--model", converted["image"], "--image", "in.png", "--max-tokens", "3", "--dtype", "float32",
+            "--metadata-json", "answer.json"]
+    code, err = run_cli(cmd_caption, argv, capsys)
+    assert code == 0, err
+    meta = json.loads((work / "answer.json").read_text())
+    assert meta["software"] == "lance-mlx" and meta["input"] == "in.png" and meta["max_tokens"] == 3
+    assert isinstance(meta["answer"], str) and meta["finish_reason"] in ("stop", "length")
+    before = tree_hash(work)
+    code, err = run_cli(cmd_caption, argv[:-1] + ["notes.json"], capsys)
+    assert_refused(code, err, "not a lance-mlx metadata file")
+    assert tree_hash(work) == before
