@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from typing import Sequence as Seq
 
@@ -12,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import sampler as S
+from .batched import BatchedNoiseStep
 from .config import DEFAULT_SAMPLING, LanceConfig, SamplingParams
 from .llm import KVCache, Qwen2ForCausalLM, Rope, Routing, cache_arrays
 from .sampler import Step, Velocity
@@ -127,6 +128,8 @@ class GenerationContext:
     pos_rows: mx.array  # (N, hidden) 3-D table rows of the target grid, model dtype
     routing: Routing  # und, gen x N, und
     vision: Optional[BranchState] = None  # text and visual conditioning dropped (image guidance, docs/editing.md)
+    # the batched step of these branches, built on first use (not copied by dataclasses.replace)
+    _batched: Dict[str, BatchedNoiseStep] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -271,15 +274,31 @@ class Lance(nn.Module):
     def _v(self, h_out: mx.array) -> mx.array:
         return self.llm2vae(h_out[0, 1:-1]).astype(mx.float32)  # (N, 48)
 
+    def batched_step(self, ctx: GenerationContext) -> BatchedNoiseStep:
+        """The batched noise-block forward of ctx's branches (lance_mlx/batched.py), stacked on first use."""
+        states = [b for b in (ctx.cond, ctx.uncond, ctx.vision) if b is not None]
+        step = ctx._batched.get("step")
+        if step is None or not step.batch.matches(states):
+            step = ctx._batched["step"] = BatchedNoiseStep(self, ctx.routing, states, ctx.markers, ctx.pos_rows)
+        return step
+
     def velocity(self, ctx: GenerationContext, x: mx.array, t: Union[float, mx.array],
                  cfg_scale: float = S.CFG_SCALE, image_cfg_scale: float = 1.0,
-                 renorm_min: float = S.CFG_RENORM_MIN) -> Velocity:
+                 renorm_min: float = S.CFG_RENORM_MIN, batched: bool = True, compiled: bool = True) -> Velocity:
         """One step's velocity at latents x (N, 48) and time t (scalar or per token): each branch the scales
         need is queried against its cached context, then `sampler.guide` combines them (text CFG as upstream;
-        image guidance when `image_cfg_scale` > 1 and the context has the third branch)."""
-        h_in = self.noise_inputs(ctx, x, t)
+        image guidance when `image_cfg_scale` > 1 and the context has the third branch).
+
+        `batched` (default) runs the branches as one batch, so each weight is read once per step, through one
+        `mx.compile`d forward when `compiled` (docs/performance.md); `batched=False` queries them one after the
+        other (uncompiled), the reference the batched step is tested against."""
         use_all = image_cfg_scale > 1.0 and ctx.vision is not None
         use_text = ctx.uncond is not None and (cfg_scale > 1.0 or use_all)
+        if batched and (ctx.uncond is not None or ctx.vision is None):  # the rows used are a prefix of the stack
+            v = self.batched_step(ctx)(x, t, 1 + use_text + use_all, compiled)  # (rows, N, 48)
+            return S.guide(v[0], v[1] if use_text else None, v[2] if use_all else None, cfg_scale,
+                           image_cfg_scale, renorm_min)
+        h_in = self.noise_inputs(ctx, x, t)
         v_c = self._v(self.noise_query(ctx, ctx.cond, h_in))
         v_t = self._v(self.noise_query(ctx, ctx.uncond, h_in)) if use_text else None
         v_a = self._v(self.noise_query(ctx, ctx.vision, h_in)) if use_all else None
@@ -299,10 +318,11 @@ class Lance(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ sample
     def denoise(self, seq: Sequence, params: SamplingParams = DEFAULT_SAMPLING,
-                frozen: Optional[np.ndarray] = None) -> Iterator[Step]:
+                frozen: Optional[np.ndarray] = None, batched: bool = True) -> Iterator[Step]:
         """The sampling loop (`sampler.denoise`) over the noise split of any generation sequence (t2i, t2v, i2v,
         image/video edit): start from `params.noise` or seeded N(0, 1), prefill the branches the guidance needs,
-        yield a `sampler.Step` after each step. `frozen` (N,) rows of the start latents stay as given (i2v)."""
+        yield a `sampler.Step` after each step. `frozen` (N,) rows of the start latents stay as given (i2v).
+        `batched=False` runs the guidance branches one after the other (see `velocity`)."""
         shape = seq.splits[seq.noise_index].grid
         self.latent_pos.check(shape)
         t, h, w = shape
@@ -311,7 +331,7 @@ class Lance(nn.Module):
         ctx = self.prepare_generation(seq, cfg=params.cfg_text > 1.0 or image_cfg, image_cfg=image_cfg)
 
         def velocity(x, tt, text_scale, image_scale):
-            return self.velocity(ctx, x, tt, text_scale, image_scale, params.renorm_min)
+            return self.velocity(ctx, x, tt, text_scale, image_scale, params.renorm_min, batched=batched)
 
         yield from S.denoise(velocity, x0, params, frozen)
 

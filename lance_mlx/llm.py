@@ -10,7 +10,7 @@ import numpy as np
 
 from .config import LLMConfig
 
-Rope = Tuple[mx.array, mx.array]  # (cos, sin), each (L, head_dim) float32
+Rope = Tuple[mx.array, mx.array]  # (cos, sin), each (L, head_dim) or per row (B, L, head_dim), float32
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,11 +176,15 @@ def mrope_cos_sin(position_ids: Union[mx.array, np.ndarray], inv_freq: np.ndarra
 
 
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """x (B, L, H, D) rotated in float32 with rotate_half([a, b]) = [-b, a]; returns x's dtype."""
+    """x (B, L, H, D) rotated in float32 with rotate_half([a, b]) = [-b, a]; returns x's dtype.
+
+    cos/sin are (L, D), shared by every row, or (B, L, D), one table per row (guidance branches batched
+    together have their own noise-block positions, lance_mlx/batched.py)."""
     xf = x.astype(mx.float32)
     half = x.shape[-1] // 2
     rot = mx.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[:, None, :] + rot * sin[:, None, :]
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
+    out = xf * cos + rot * sin
     return out.astype(x.dtype)
 
 
@@ -235,7 +239,8 @@ class PackedAttentionMoT(nn.Module):
         """RoPE + scaled dot-product attention; returns (B, L, heads * head_dim) before o_proj.
 
         attn: "causal" (over cache + block, lower-right aligned), "full" (bidirectional over cache + block) or a
-        boolean (L, T) mask array (True = may attend).
+        boolean mask array broadcastable to (B, heads, L, T) (True = may attend): (L, T) for one sequence,
+        (B, 1, 1, T) for rows whose caches are padded to one length.
         """
         B, L = q.shape[:2]
         cos, sin = rope
