@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import DEFAULT_SAMPLING, SamplingParams
+from .solvers import make_solver
 
 # Upstream defaults, defined once in config.SamplingParams (kept here under their old names for callers).
 NUM_STEPS = DEFAULT_SAMPLING.steps
@@ -124,20 +125,24 @@ VelocityFn = Callable[[mx.array, object, float, float], Velocity]
 
 def denoise(velocity: VelocityFn, x0: mx.array, params: SamplingParams,
             frozen: Optional[np.ndarray] = None) -> Iterator[Step]:
-    """The denoising loop of every generation task: Euler steps from `x0` (N, 48) over the shifted schedule.
+    """The denoising loop of every generation task: `params.sampler` steps from `x0` (N, 48) over the shifted
+    schedule (Euler, upstream's; or a multistep solver of `solvers.py`, one model call per step all the same).
 
-    `frozen` (N,) marks tokens that stay as given, at t = 0, and are never updated (image-to-video's first latent
-    frame); renorm norms still cover every token, as upstream. Yields a `Step` after each step (latents evaluated),
-    so callers can show progress, preview, cancel or stop early by not asking for the next one.
+    The velocity is queried at the schedule's step times, so the guidance interval applies exactly as with Euler
+    (a multistep solver's history runs on across the interval's edge, as in diffusers; docs/solvers.md). `frozen`
+    (N,) marks tokens that stay as given, at t = 0, and are never updated (image-to-video's first latent frame);
+    renorm norms still cover every token, as upstream. Yields a `Step` after each step (latents evaluated), so
+    callers can show progress, preview, cancel or stop early by not asking for the next one.
     """
     ts, dts = timesteps(params.steps, params.shift)
+    solver = make_solver(params.sampler, ts, dts)
     x = x0.astype(mx.float32)
     fz = None if frozen is None else mx.array(np.asarray(frozen, dtype=bool))
-    for i, (t, dt) in enumerate(zip(ts.tolist(), dts.tolist())):
+    for i, t in enumerate(ts.tolist()):
         text_scale, image_scale = guidance_scales(t, params)
         tt = t if fz is None else mx.where(fz, 0.0, t)
         v = velocity(x, tt, text_scale, image_scale).v
-        x_new = euler_step(x, v, dt)
+        x_new = solver.step(i, x, v)
         x = x_new if fz is None else mx.where(fz[:, None], x, x_new)
-        mx.eval(x)
+        mx.eval(x, solver.state)
         yield Step(i + 1, params.steps, t, x)
