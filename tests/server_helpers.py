@@ -29,6 +29,31 @@ def config(upstream_root, output_dir, **overrides) -> ServerConfig:
     return ServerConfig(model=str(upstream_root), output_dir=Path(output_dir), dtype="float32", **overrides)
 
 
+def make_client(upstream_root, out, **overrides):
+    """A TestClient of an app on the tiny checkpoints (enter it to start the worker) and its config."""
+    from fastapi.testclient import TestClient
+
+    from lance_mlx.server import create_app
+
+    cfg = config(upstream_root, out, **overrides)
+    return TestClient(create_app(cfg, cached_loader(cfg))), cfg
+
+
+def error_of(r, status=400):
+    """The OpenAI-style error body of a response with `status`."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def wait_done(client, job_id):
+    """A job's SSE events (parsed) up to its final "done" one."""
+    frames = sse_json(client.get(f"/v1/jobs/{job_id}/events").text)
+    assert frames[-1]["type"] == "done"
+    return frames
+
+
 def cached_loader(cfg: ServerConfig):
     """The server's loader, with each checkpoint loaded once per test session (loading dominates tiny jobs)."""
     load = default_loader(cfg)

@@ -33,7 +33,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,                    -- JSON {"code", "message"} of a failed job
     answer TEXT                    -- the text of an understanding job
 );
-CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
 """
 
 
@@ -78,17 +77,17 @@ class History:
         return None if row is None else _decode(row)
 
     def list(self, limit: int, objects: Optional[tuple] = None, after: Optional[str] = None) -> List[Dict[str, Any]]:
-        """Newest first; `after` (an id) continues a listing past that job."""
+        """Newest first (rowid: insertion order); `after` (an id) continues a listing past that job."""
         where, args = [], []
         if objects:
             where.append(f"object IN ({', '.join('?' * len(objects))})")
             args.extend(objects)
         if after:
-            where.append("(created_at, id) < (SELECT created_at, id FROM jobs WHERE id = ?)")
+            where.append("rowid < (SELECT rowid FROM jobs WHERE id = ?)")
             args.append(after)
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", args + [limit]).fetchall()
+            rows = self._db.execute(sql + " ORDER BY rowid DESC LIMIT ?", args + [limit]).fetchall()
         return [_decode(r) for r in rows]
 
     def delete(self, job_id: str) -> None:

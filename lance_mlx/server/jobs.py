@@ -245,7 +245,10 @@ class Engine:
             return self._finish(job, "cancelled", None)
         except LanceError as e:
             code = "invalid_request" if isinstance(e, (InvalidRequestError, InvalidTypeError)) else _snake(e)
-            return self._finish(job, "failed", {"code": code, "message": str(e), "param": e.param})
+            param = e.param
+            if param is None and "tokens long" in str(e):  # the text, counted with the model's tokenizer
+                param = "messages" if job.object == "chat.completion" else "prompt"
+            return self._finish(job, "failed", {"code": code, "message": str(e), "param": param})
         except Exception as e:  # a bug or an environment failure: keep the server up, record it on the job
             log.exception("job %s failed", job.id)
             return self._finish(job, "failed", {"code": "internal_error", "message": f"{type(e).__name__}: {e}"})

@@ -25,6 +25,7 @@ from ..tasks import (
     TextToVideo,
     Understand,
     VideoEdit,
+    check_fps,
 )
 from . import inputs
 from .settings import ServerConfig
@@ -33,8 +34,8 @@ from .settings import ServerConfig
 IGNORED = ("model", "user", "quality", "style", "background", "moderation", "output_format", "output_compression",
            "stream_options", "n_ctx", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
            "parallel_tool_calls")
-SAMPLING_FIELDS = ("steps", "num_inference_steps", "guidance_scale", "timestep_shift", "cfg_interval", "renorm_min",
-                   "seed", "sampler")
+SAMPLING_FIELDS = ("steps", "num_inference_steps", "guidance_scale", "image_guidance_scale", "timestep_shift",
+                   "cfg_interval", "renorm_min", "seed", "sampler")
 POSTERIOR_FIELDS = ("posterior_seed", "posterior_mean")
 RESPONSE_FORMATS = ("b64_json", "url")
 DEFAULT_RESOLUTION = {"image": IMAGE_SIZE[0], "video": I2V_RESOLUTION}  # presets' area when only an aspect is given
@@ -133,20 +134,23 @@ class Fields:
             raise InvalidTypeError(f"{name} must be a number, got {type(v).__name__}", name)
         if isinstance(v, float) and not math.isfinite(v):
             raise InvalidRequestError(f"{name} must be a finite number, got {v!r}", name)
+        if abs(v) > 2**63:  # far beyond every bound, and beyond what a float holds exactly
+            raise InvalidRequestError(f"{name} is out of range", name)
         return v
 
 
 def parse_json(body: bytes) -> Fields:
     try:
         values = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, over-long integers, too deep nesting
+        raise InvalidRequestError(f"the request body is not valid JSON: {str(e)[:200]}") from None
     return Fields(values)
 
 
 # ------------------------------------------------------------------------------------------------ settings
-def sampling(f: Fields, config: ServerConfig, image_guidance: bool = False) -> SamplingParams:
-    """SamplingParams from OpenAI-style names (guidance_scale, steps) plus Lance's (timestep_shift, cfg_interval)."""
+def sampling(f: Fields, config: ServerConfig) -> SamplingParams:
+    """SamplingParams from OpenAI-style names (guidance_scale, steps) plus Lance's (timestep_shift, cfg_interval,
+    image_guidance_scale, which the request types refuse above 1 for tasks without an input to guide by)."""
     d = DEFAULT_SAMPLING
     steps = f.integer("steps", f.integer("num_inference_steps", d.steps, 1, config.max_steps), 1, config.max_steps)
     interval = f.values.get("cfg_interval", d.cfg_interval)
@@ -162,7 +166,7 @@ def sampling(f: Fields, config: ServerConfig, image_guidance: bool = False) -> S
     try:
         return SamplingParams(
             steps=steps, shift=f.number("timestep_shift", d.shift), cfg_text=f.number("guidance_scale", d.cfg_text),
-            cfg_image=f.number("image_guidance_scale", d.cfg_image) if image_guidance else d.cfg_image,
+            cfg_image=f.number("image_guidance_scale", d.cfg_image),
             cfg_interval=tuple(interval), renorm_min=f.number("renorm_min", d.renorm_min),
             seed=f.integer("seed", d.seed, 0, 2**63 - 1), sampler=f.choice("sampler", ("euler",), d.sampler))
     except (InvalidRequestError, InvalidTypeError) as e:
@@ -193,7 +197,9 @@ def size(f: Fields, config: ServerConfig, kind: str) -> Tuple[int, int]:
     """(width, height) from `size` "WxH", else the upstream bucket of `aspect_ratio` at `resolution`²."""
     default = IMAGE_SIZE if kind == "image" else VIDEO_SIZE
     text = f.text("size")
-    if text is not None and text != "auto":
+    if text not in (None, "auto") and (f.has("aspect_ratio") or f.has("resolution")):
+        raise InvalidRequestError("give size, or aspect_ratio and resolution, not both", "size")
+    if text not in (None, "auto"):
         parts = text.lower().split("x")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
             raise InvalidRequestError(f"size must be WIDTHxHEIGHT in pixels, e.g. 768x768, got {text!r}", "size")
@@ -248,13 +254,23 @@ class Parsed:
     stream: bool = False
 
 
+# Words of the task layer's messages -> the request field they are about, for errors that name no `param`.
+MESSAGE_PARAMS = (("image guidance", "image_guidance_scale"), ("width", "size"), ("height", "size"),
+                  ("frame count", "num_frames"), ("frames", "num_frames"),
+                  ("input fps", "video"), ("fps", "fps"), ("input video", "video"), ("input image", "image"))
+
+
 def build(make, text_param: str):
-    """Construct a request type; an error about its text without a `param` gets the text's field name."""
+    """Construct a request type; an error without a `param` gets the field its message is about."""
     try:
         return make()
     except (InvalidRequestError, InvalidTypeError) as e:
-        if e.param is None and any(w in str(e) for w in ("prompt", "instruction", "question", "tokens long")):
-            e.param = text_param
+        if e.param is None:
+            message = str(e)
+            if any(w in message for w in ("prompt", "instruction", "question", "tokens long", "system prompt")):
+                e.param = text_param
+            else:
+                e.param = next((p for w, p in MESSAGE_PARAMS if w in message), None)
         raise
 
 
@@ -284,7 +300,7 @@ def image_edit(f: Fields, files: Dict[str, Upload], config: ServerConfig) -> Par
     if media is None:
         raise InvalidRequestError("no image: send the image to edit as the multipart file `image`", "image")
     source = inputs.image(media, "image")
-    s = sampling(f, config, image_guidance=True)
+    s = sampling(f, config)
     post = posterior(f)
     req = build(lambda: ImageEdit(source, f.values.get("prompt"), preset, s, post, source=media.describe()), "prompt")
     return Parsed("image", req, {"task": "image_edit", "prompt": req.instruction, "preset": preset, "n": n,
@@ -296,7 +312,7 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
     """POST /v1/videos: text-to-video, image-to-video with `input_reference`, video edit with `video`."""
     f.check_known(("prompt", "size", "aspect_ratio", "resolution", "seconds", "num_frames", "fps", "input_reference",
                    "video", "preset", "image_guidance_scale", *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "task"))
-    fps = f.number("fps", OUTPUT_FPS)
+    fps = check_fps(f.number("fps", OUTPUT_FPS))
     reference = media_input(f, files, ("input_reference",), config)
     clip = media_input(f, files, ("video",), config)
     if reference is not None and clip is not None:
@@ -310,7 +326,7 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
     if task == "t2v" and (reference is not None or clip is not None):
         raise InvalidRequestError("text-to-video takes no input media", "input_reference")
     prompt = f.values.get("prompt")
-    s = sampling(f, config, image_guidance=task == "video_edit")
+    s = sampling(f, config)
     settings: Dict[str, Any] = {"task": task, "prompt": prompt, "fps": fps, **sampling_settings(s)}
     if task == "video_edit":
         preset = f.choice("preset", [p for p in PRESETS if p.startswith("video")], VIDEO_PRESET)
