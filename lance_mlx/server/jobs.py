@@ -147,6 +147,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ HTTP side
     def start(self) -> None:
+        # Import the model stack now, before the server answers: a first import (mlx, transformers) holds the GIL
+        # for seconds, which would stall every route if it happened in the worker while requests come in.
+        from transformers import AutoTokenizer  # noqa: F401  (loading.load_tokenizer imports it late)
+
+        from .. import lance, pipeline, torch_checkpoint, vae_wan22, vit  # noqa: F401
+
         self._thread = threading.Thread(target=self._loop, name="lance-worker", daemon=True)
         self._thread.start()
 
