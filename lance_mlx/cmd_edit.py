@@ -11,12 +11,12 @@ from .cli import (
     add_output_args,
     add_posterior_args,
     add_sampling_args,
-    generate_to_file,
     main_guard,
     posterior_from_args,
     sampling_from_args,
 )
 from .config import OUTPUT_FPS
+from .distributed import add_parallel_args, generate_to_file, run_prompts
 from .media import check_output
 from .processing import PRESETS
 from .tasks import IMAGE_EDIT_PRESET, VIDEO_PRESET, ImageEdit, VideoEdit
@@ -24,11 +24,11 @@ from .tasks import IMAGE_EDIT_PRESET, VIDEO_PRESET, ImageEdit, VideoEdit
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--image", type=Path, help="image to edit")
     src.add_argument("--video", type=Path,
                      help="video to edit; sampled as upstream: 12 fps over at most 6 s, 4k+1 frames")
-    p.add_argument("--instruction", required=True, help='how to change it, e.g. "make the sky pink"')
+    p.add_argument("--instruction", help='how to change it, e.g. "make the sky pink" (or --prompts-file)')
     add_output_args(p, "output: an image (.png keeps the settings as metadata) for --image; .mp4, .gif or a name "
                        "without a suffix (a folder of PNG frames) for --video")
     p.add_argument("--preset", choices=list(PRESETS),
@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_sampling_args(p, image_guidance=True)
     g = p.add_argument_group("edit conditioning")
     add_posterior_args(g, "the source")
+    add_parallel_args(p, "instruction")
     add_model_args(p)
     return p.parse_args(argv)
 
@@ -54,7 +55,10 @@ def build_request(args):
 
 
 def run(args) -> int:
+    return run_prompts(args, run_one, "instruction")
 
+
+def run_one(args) -> int:
     video = args.video is not None
     out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
     request = build_request(args)

@@ -12,13 +12,13 @@ from .cli import (
     add_posterior_args,
     add_sampling_args,
     add_size_args,
-    generate_to_file,
     main_guard,
     posterior_from_args,
     resolve_size,
     sampling_from_args,
 )
 from .config import OUTPUT_FPS
+from .distributed import add_parallel_args, generate_to_file, run_prompts
 from .errors import InvalidRequestError
 from .media import check_output
 from .tasks import I2V_RESOLUTION, MAX_FRAMES, ImageToVideo, TextToImage, TextToVideo
@@ -31,7 +31,7 @@ VIDEO_ASPECT, VIDEO_RESOLUTION = "16:9", I2V_RESOLUTION
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--prompt", required=True, help="what to generate")
+    p.add_argument("--prompt", help="what to generate (or --prompts-file)")
     add_output_args(p, "output: an image (.png keeps the settings as metadata) for one frame; .mp4, .gif or a name "
                        "without a suffix (a folder of PNG frames) for a video")
     add_size_args(p)
@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"RESOLUTION² pixels (default {VIDEO_RESOLUTION}, upstream's video_480p)")
     add_posterior_args(v, "the first frame (also seeds its pixel noise)")
     add_sampling_args(p)
+    add_parallel_args(p, "prompt")
     add_model_args(p)
     return p.parse_args(argv)
 
@@ -74,7 +75,10 @@ def build_request(args):
 
 
 def run(args) -> int:
+    return run_prompts(args, run_one, "prompt")
 
+
+def run_one(args) -> int:
     video = args.frames != 1 or args.image is not None
     out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
     request = build_request(args)
