@@ -180,7 +180,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
                        code="unsupported_media_type")
 
     def submit(parsed: Parsed) -> Job:
-        job = Job(parsed.object, parsed.request, parsed.settings, _model_name(config, parsed.request.checkpoint),
+        job = Job(parsed.object, parsed.request, parsed.settings, _model_name(parsed.request.checkpoint),
                   n=parsed.n)
         try:
             return engine().submit(job)
@@ -397,5 +397,5 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     return app
 
 
-def _model_name(config: ServerConfig, kind: str) -> str:
+def _model_name(kind: str) -> str:
     return VIDEO_LLM_DIR if kind == "video" else IMAGE_LLM_DIR

@@ -38,6 +38,7 @@ SAMPLING_FIELDS = ("steps", "num_inference_steps", "guidance_scale", "image_guid
                    "cfg_interval", "renorm_min", "seed", "sampler")
 POSTERIOR_FIELDS = ("posterior_seed", "posterior_mean")
 RESPONSE_FORMATS = ("b64_json", "url")
+PRESET_SLACK = 1.1  # a bucket of area ~resolution² may exceed it by a few percent (e.g. 640² -> 848x480 is less)
 DEFAULT_RESOLUTION = {"image": IMAGE_SIZE[0], "video": I2V_RESOLUTION}  # presets' area when only an aspect is given
 
 
@@ -215,6 +216,15 @@ def size(f: Fields, config: ServerConfig, kind: str) -> Tuple[int, int]:
     return w, h
 
 
+def edit_preset(f: Fields, config: ServerConfig, kind: str, default: str) -> str:
+    """An edit's input preset; its bucket area (about resolution² pixels) is the output size, held to the limit."""
+    preset = f.choice("preset", [p for p in PRESETS if p.startswith(kind)], default)
+    if PRESETS[preset].vae_resolution ** 2 > config.max_pixels * PRESET_SLACK:
+        raise InvalidRequestError(f"preset {preset} makes outputs of about {PRESETS[preset].vae_resolution}² pixels, "
+                                  f"above this server's limit of {config.max_pixels}", "preset")
+    return preset
+
+
 def frames(f: Fields, config: ServerConfig, fps: float) -> int:
     """`num_frames` (4k+1), else OpenAI's `seconds` at `fps` rounded to the nearest 4k+1."""
     if f.has("num_frames"):
@@ -295,7 +305,7 @@ def image_edit(f: Fields, files: Dict[str, Upload], config: ServerConfig) -> Par
                                   "size")
     n = f.integer("n", 1, 1, config.max_images)
     fmt = f.choice("response_format", RESPONSE_FORMATS, "b64_json")
-    preset = f.choice("preset", [p for p in PRESETS if p.startswith("image")], IMAGE_EDIT_PRESET)
+    preset = edit_preset(f, config, "image", IMAGE_EDIT_PRESET)
     media = media_input(f, files, ("image", "image[]"), config)
     if media is None:
         raise InvalidRequestError("no image: send the image to edit as the multipart file `image`", "image")
@@ -329,7 +339,7 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
     s = sampling(f, config)
     settings: Dict[str, Any] = {"task": task, "prompt": prompt, "fps": fps, **sampling_settings(s)}
     if task == "video_edit":
-        preset = f.choice("preset", [p for p in PRESETS if p.startswith("video")], VIDEO_PRESET)
+        preset = edit_preset(f, config, "video", VIDEO_PRESET)
         video_frames, source_fps = inputs.video(clip, "video", config.outputs / ".inputs")
         post = posterior(f)
         req = build(lambda: VideoEdit(video_frames, prompt, preset, source_fps, fps, s, post,
@@ -341,7 +351,7 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
     settings.update(num_frames=n, seconds=f"{(n - 1) / fps:g}")
     if task == "i2v":
         resolution = f.integer("resolution", I2V_RESOLUTION, 16, 1024)
-        if resolution ** 2 > config.max_pixels * 1.1:
+        if resolution ** 2 > config.max_pixels * PRESET_SLACK:
             raise InvalidRequestError(f"resolution {resolution} is above this server's pixel limit", "resolution")
         first = inputs.image(reference, "input_reference")
         post = posterior(f)
