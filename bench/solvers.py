@@ -57,10 +57,12 @@ def main(argv=None) -> int:
                    choices=["t2i", "edit", "edit cfg-img 1.5", "t2v", "i2v", "video edit"])
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     p.add_argument("--cfg", type=float, default=4.0, help="text guidance scale (default 4, upstream's)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.4, 1.0), metavar=("LO", "HI"),
+                   help="guidance interval (default upstream's 0.4 1.0; 0 1 guides every step, a smooth field)")
     args = p.parse_args(argv)
 
     pipe = tiny_pipeline()
-    sampling = SamplingParams(cfg_text=args.cfg)
+    sampling = SamplingParams(cfg_text=args.cfg, cfg_interval=tuple(args.cfg_interval))
     print(f"tiny checkpoint (3 layers, hidden 64, float32), MLX {mx.__version__} on {mx.default_device()}; "
           f"text CFG {args.cfg:g}, interval {sampling.cfg_interval}, shift {sampling.shift:g}; error = "
           f"||x - x_ref|| / ||x_ref|| of the final latent, x_ref = Euler with {REFERENCE_STEPS} steps")

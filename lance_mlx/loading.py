@@ -27,7 +27,9 @@ __all__ = [
     "check_keys",
     "check_safetensors",
     "dtype_name",
+    "component_loaders",
     "load_components",
+    "load_lance",
     "load_llm_weights",
     "load_safetensors",
     "load_tokenizer",
@@ -228,41 +230,75 @@ class Components:
     vae: Wan2_2_VAE | None = None
 
 
-def load_components(files: ModelFiles, task: str, dtype: str | mx.Dtype = "bfloat16",
-                    vae_dtype: str | mx.Dtype | None = None, lazy: bool = False,
-                    rope_bf16: bool | None = None) -> Components:
-    """Build the components `task` needs from a located model folder (`checkpoints.resolve` / `locate`).
-
-    `dtype` is the compute dtype of the LLM and ViT (quantized folders keep their quantized linears); the VAE uses
-    `vae_dtype` (default: the same) and the configuration its own weights imply. Weights are memory-mapped and
-    cast lazily, so peak memory stays near the size of the result; `lazy` skips the final evaluation. `rope_bf16`
-    rounds the LLM's RoPE frequencies to bfloat16 as upstream's bf16-cast buffer does (default: when `dtype` is
-    bfloat16, so a bf16 run reproduces upstream's angles).
-    """
+def load_lance(files: ModelFiles, dtype: mx.Dtype, lazy: bool = False, rope_bf16: bool | None = None,
+               und_bits: int | None = None) -> tuple[Lance, dict[str, mx.array]]:
+    """The Lance LLM of a located folder and the ViT tensors bundled in its file (video checkpoint), if any.
+    `und_bits` (4 or 8) quantizes the understanding expert's linears after loading (quantize.py; docs/memory.md)."""
     from .lance import Lance
 
-    dt = parse_dtype(dtype)
-    vae_dt = parse_dtype(vae_dtype) if vae_dtype is not None else dt
     config = read_lance_config(files)
     model = Lance(config)
-    model.language_model.model.rope_bf16_inv_freq = (dt == mx.bfloat16) if rope_bf16 is None else rope_bf16
-    weights = load_llm_weights(files, dtype=dt)
+    model.language_model.model.rope_bf16_inv_freq = (dtype == mx.bfloat16) if rope_bf16 is None else rope_bf16
+    weights = load_llm_weights(files, dtype=dtype)
     bundled_vit = {k: v for k, v in weights.items() if k.startswith("vit_model.")}
     weights = model.sanitize(weights)
-    model.set_dtype(dt)
+    model.set_dtype(dtype)
     if config.quantization or any(k.endswith(".scales") for k in weights):
         # The module structure must be quantized before the quantized tensors can be loaded into it.
         quantize_lance(model, config.quantization or {}, weights=weights)
     check_keys(model, weights, f"Lance LLM ({', '.join(p.name for p in files.llm_weights)})")
     model.load_weights(list(weights.items()), strict=True)
     del weights
+    if und_bits is not None and not config.quantization:
+        quantize_lance(model, {"bits": und_bits, "experts": "und"})
     if not lazy:
         mx.eval(model.parameters())
+    return model, bundled_vit
 
+
+def load_components(files: ModelFiles, task: str, dtype: str | mx.Dtype = "bfloat16",
+                    vae_dtype: str | mx.Dtype | None = None, lazy: bool = False,
+                    rope_bf16: bool | None = None, low_memory: bool = False,
+                    und_bits: int | None = None) -> Components:
+    """Build the components `task` needs from a located model folder (`checkpoints.resolve` / `locate`).
+
+    `dtype` is the compute dtype of the LLM and ViT (quantized folders keep their quantized linears); the VAE uses
+    `vae_dtype` (default: the same) and the configuration its own weights imply. Weights are memory-mapped and
+    cast lazily, so peak memory stays near the size of the result; `lazy` skips the final evaluation. `rope_bf16`
+    rounds the LLM's RoPE frequencies to bfloat16 as upstream's bf16-cast buffer does (default: when `dtype` is
+    bfloat16, so a bf16 run reproduces upstream's angles). `low_memory` loads the LLM and tokenizer only: the ViT
+    and VAE come later from `component_loaders` when a phase needs them. `und_bits` as `load_lance`.
+    """
+    dt = parse_dtype(dtype)
+    vae_dt = parse_dtype(vae_dtype) if vae_dtype is not None else dt
+    model, bundled_vit = load_lance(files, dt, lazy, rope_bf16, und_bits)
     components = Components(model=model, tokenizer=load_tokenizer(files.tokenizer_dir))
+    if low_memory:
+        return components
     if files.vit_weights is not None or (TASKS[task][2] and bundled_vit):
-        components.vit = load_vision(config.vit, files, bundled_vit, dt, lazy)
+        components.vit = load_vision(model.config.vit, files, bundled_vit, dt, lazy)
     del bundled_vit
     if files.vae_weights is not None:
         components.vae = load_vae(files.vae_weights, vae_dt, lazy)
     return components
+
+
+def component_loaders(files: ModelFiles, task: str, dtype: str | mx.Dtype = "bfloat16",
+                      vae_dtype: str | mx.Dtype | None = None, rope_bf16: bool | None = None,
+                      und_bits: int | None = None) -> dict[str, Any]:
+    """{"model" | "vit" | "vae": a function that loads it}: what `load_components` would load for `task`, one
+    component at a time, so a pipeline can load each only for the phase that needs it and release it after."""
+    dt = parse_dtype(dtype)
+    vae_dt = parse_dtype(vae_dtype) if vae_dtype is not None else dt
+    loaders: dict[str, Any] = {"model": lambda: load_lance(files, dt, rope_bf16=rope_bf16, und_bits=und_bits)[0]}
+    if files.vae_weights is not None:
+        loaders["vae"] = lambda: load_vae(files.vae_weights, vae_dt)
+
+    def vit():
+        # the video checkpoint's bundled tensors are read from the memory-mapped file, nothing else
+        bundled = {k: v for k, v in load_llm_weights(files, dt).items() if k.startswith("vit_model.")}
+        return load_vision(read_lance_config(files).vit, files, bundled, dt)
+
+    if files.vit_weights is not None or TASKS[task][2]:
+        loaders["vit"] = vit
+    return loaders

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Union
@@ -58,20 +59,43 @@ class LancePipeline:
     request of `lance_mlx.tasks`; `generate_image`, `generate_video`, `edit_image`, `edit_video` and `understand`
     build the request for you. Lower-level steps for progress, preview or cancellation: `plan(request)`,
     `denoise(plan)` (yields `sampler.Step`s), `decode(latents)` / `save(latents, path, ...)`.
+
+    With `low_memory`, each phase holds only the components it needs (docs/memory.md): the ViT and VAE are loaded
+    to encode and released before denoising, the LLM is released before decoding and the VAE loaded only then;
+    `loaders` ({"model" | "vit" | "vae": function}) bring a released component back when a later call needs it.
     """
 
-    def __init__(self, model: Lance, tokenizer=None, vit=None, vae=None, checkpoint: Optional[str] = None):
+    def __init__(self, model: Lance, tokenizer=None, vit=None, vae=None, checkpoint: Optional[str] = None, *,
+                 low_memory: bool = False, loaders: Optional[Dict[str, Callable[[], Any]]] = None):
         self.model, self.tokenizer, self.vit, self.vae = model, tokenizer, vit, vae
         self.checkpoint = checkpoint  # "image" (Lance_3B), "video" (Lance_3B_Video) or None when unknown
+        self.low_memory = low_memory
+        self.loaders = dict(loaders or {})
+        self._config = model.config
 
     @property
     def config(self):
-        return self.model.config
+        return self._config
+
+    def component(self, name: str):
+        """The "model", "vit" or "vae", loaded now if it was released or deferred (None when there is none)."""
+        if getattr(self, name) is None and name in self.loaders:
+            setattr(self, name, self.loaders[name]())
+        return getattr(self, name)
+
+    def release(self, *names: str) -> None:
+        """Drop components that can be loaded again (`loaders`) and hand their memory back (low_memory)."""
+        for name in names:
+            if name in self.loaders:
+                setattr(self, name, None)
+        gc.collect()
+        mx.clear_cache()
 
     @classmethod
     def from_pretrained(cls, path_or_repo: Union[str, Path] = checkpoints.UPSTREAM_REPO, task: Optional[str] = None,
                         *, dtype="bfloat16", vae_dtype=None, lazy: bool = False, rope_bf16: Optional[bool] = None,
-                        request: Optional[Request] = None) -> "LancePipeline":
+                        request: Optional[Request] = None, low_memory: bool = False,
+                        und_bits: Optional[int] = None) -> "LancePipeline":
         """Load a model folder or hub repo id with the components `task` needs (t2i, t2v, i2v, image_edit,
         video_edit, x2t_image, x2t_video; default: the task of `request`, else t2i).
 
@@ -79,14 +103,20 @@ class LancePipeline:
         video task are refused, naming the video checkpoint) and, with `request`, its text is checked against the
         tokenizer's limit. `dtype` is the compute dtype of the LLM and ViT; the VAE uses `vae_dtype` (default the
         same); `rope_bf16` rounds RoPE frequencies like upstream's bf16 buffer (default: when dtype is bf16).
+        `low_memory` loads the LLM now and the ViT / VAE only for the phases that use them (see the class);
+        `und_bits` (4 or 8) quantizes the understanding expert after loading, which changes results a little
+        (docs/memory.md); the generation expert stays in `dtype`.
         """
         task = task or (request.task if request is not None else "t2i")
         files = checkpoints.resolve(path_or_repo, task)
         check_checkpoint(files.checkpoint, task, str(path_or_repo))
         if request is not None:
             count_text_tokens(loading.load_tokenizer(files.tokenizer_dir), request)
-        c = loading.load_components(files, task, dtype=dtype, vae_dtype=vae_dtype, lazy=lazy, rope_bf16=rope_bf16)
-        return cls(c.model, c.tokenizer, c.vit, c.vae, checkpoint=files.checkpoint)
+        c = loading.load_components(files, task, dtype=dtype, vae_dtype=vae_dtype, lazy=lazy, rope_bf16=rope_bf16,
+                                    low_memory=low_memory, und_bits=und_bits)
+        loaders = loading.component_loaders(files, task, dtype, vae_dtype, rope_bf16, und_bits) if low_memory else None
+        return cls(c.model, c.tokenizer, c.vit, c.vae, checkpoint=files.checkpoint, low_memory=low_memory,
+                   loaders=loaders)
 
     # ------------------------------------------------------------------------------------------------ checks
     def check(self, request: Request) -> None:
@@ -94,7 +124,7 @@ class LancePipeline:
         check_checkpoint(self.checkpoint, request.task, "this pipeline")
         _, needs_vae, needs_vit = checkpoints.TASKS[request.task]
         missing = [n for n, need in (("tokenizer", True), ("vae", needs_vae), ("vit", needs_vit))
-                   if need and getattr(self, n) is None]
+                   if need and getattr(self, n) is None and n not in self.loaders]
         if missing:
             raise WeightsError(f"this pipeline has no {', '.join(missing)} for {request.task}: load it with "
                                f"LancePipeline.from_pretrained(..., task={request.task!r})")
@@ -107,7 +137,7 @@ class LancePipeline:
     def plan(self, request: GenerationRequest) -> GenerationPlan:
         """Check the request, encode its conditioning (ViT / VAE) and build the token sequence it samples."""
         self.check(request)
-        model, s = self.model, request.sampling
+        model, s = self.component("model"), request.sampling
         ids = model._prompt_ids(self.tokenize(request.text), None, None)
         frozen = None
         if isinstance(request, (TextToImage, TextToVideo)):
@@ -118,7 +148,7 @@ class LancePipeline:
             stride = self.config.vae_spatial_stride
             shape = (latent_frames(request.num_frames), H // stride, W // stride)
             model.latent_pos.check(shape)
-            first = encode_first_frame(self.vae, pixels, request.num_frames, request.posterior.sample,
+            first = encode_first_frame(self.component("vae"), pixels, request.num_frames, request.posterior.sample,
                                        request.posterior.seed)
             seq = generation_sequence("i2v", ids, shape, tokenizer=self.tokenizer)
             frozen = first_frame_mask(shape)
@@ -131,25 +161,31 @@ class LancePipeline:
             else:
                 visual, kind = preprocess_video(request.video, request.preset, fps=request.input_fps), "video"
                 latent_frames(visual.vae_pixels.shape[0], "source frame count")
-            inputs = encode_edit_inputs(self.vit, self.vae, visual, request.posterior.sample, request.posterior.seed)
+            inputs = encode_edit_inputs(self.component("vit"), self.component("vae"), visual, request.posterior.sample,
+                                        request.posterior.seed)
             model.latent_pos.check(inputs.latent_shape)
             seq = inputs.sequence(ids, kind, tokenizer=self.tokenizer)
         model.latent_pos.check(seq.splits[seq.noise_index].grid)
         model._check_length(seq, len(ids))
+        if self.low_memory:  # the encoders are done: evaluate what they made, then let them go
+            mx.eval([sp.data for sp in seq.splits if isinstance(sp.data, mx.array)], s.noise)
+            self.release("vit", "vae")
         return GenerationPlan(request, seq, s, frozen)
 
     def denoise(self, plan: GenerationPlan) -> Iterator[Step]:
         """The sampling loop of a plan: a `sampler.Step` after each denoising step (stop early by not asking)."""
-        return self.model.denoise(plan.sequence, plan.params, plan.frozen)
+        return self.component("model").denoise(plan.sequence, plan.params, plan.frozen)
 
     def latents(self, request: GenerationRequest, progress: Optional[ProgressFn] = None) -> mx.array:
         """The sampled latents (1, t, h, w, 48) float32 of a generation request."""
         plan = self.plan(request)
-        return self.model.generate(plan.sequence, plan.params, plan.frozen, progress=progress)
+        return self.component("model").generate(plan.sequence, plan.params, plan.frozen, progress=progress)
 
     # ------------------------------------------------------------------------------------------------ output
     def _require_vae(self):
-        if self.vae is None:
+        if self.low_memory and self.vae is None:  # one-shot decode: the LLM (reloaded on demand) makes room
+            self.release("model", "vit")
+        if self.component("vae") is None:
             raise WeightsError("this pipeline has no VAE to decode with: load it for a generation task")
         return self.vae
 
@@ -177,12 +213,15 @@ class LancePipeline:
             visual = preprocess_video(request.media, request.preset, fps=request.input_fps, vae=False, vit=True)
         else:
             visual = preprocess_image(request.media, request.preset, vae=False, vit=True)
-        embeds = U.encode_visual(self.vit, visual.vit_patches, visual.grid_thw)
+        embeds = U.encode_visual(self.component("vit"), visual.vit_patches, visual.grid_thw)
+        if self.low_memory:  # the ViT's work is done before the LLM's begins
+            mx.eval(embeds)
+            self.release("vit")
         llm = self.config.llm
         prompt = U.build_prompt(self.tokenizer, visual.grid_thw, "video" if request.video else "image",
                                 request.question, vit_embeds=embeds, system=request.system_prompt,
                                 spatial_merge_size=llm.spatial_merge_size, tokens_per_second=llm.tokens_per_second)
-        return U.generate(self.model, prompt, self.tokenizer, max_tokens=request.max_tokens,
+        return U.generate(self.component("model"), prompt, self.tokenizer, max_tokens=request.max_tokens,
                           temperature=request.temperature, top_p=request.top_p, seed=request.seed)
 
     # ------------------------------------------------------------------------------------------- one call each

@@ -259,3 +259,32 @@ def test_api_takes_the_sampler(tiny_pipe):
     img = tiny_pipe.generate_image(PROMPT, width=32, height=32, steps=3, sampler="unipc", cfg_interval=(0.5, 1.0),
                                    renorm_min=0.1)
     assert img.size == (32, 32)
+
+
+# ------------------------------------------------------------------------------------------ low-memory pipeline
+def test_low_memory_pipeline_gives_the_same_results(upstream_root):
+    """low_memory holds fewer components at a time (ViT / VAE loaded for their phase, LLM released before the
+    decode) and reloads what a later call needs; every output is bit-equal to the default pipeline's."""
+    import mlx.nn as nn
+
+    from lance_mlx import LancePipeline
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((32, 48, 3)) * 255).astype(np.uint8)
+    for task, call in [("t2i", lambda p: np.asarray(p.generate_image(PROMPT, width=32, height=32, steps=2))),
+                       ("image_edit", lambda p: np.asarray(p.edit_image(image, "make it pink", steps=2,
+                                                                        preset=TINY))),
+                       ("i2v", lambda p: p.generate_video(PROMPT, 5, image=image, steps=2,
+                                                          resolution=TINY.vae_resolution)),
+                       ("x2t_image", lambda p: p.understand(image, "what is it?", max_tokens=3))]:
+        ref = call(LancePipeline.from_pretrained(upstream_root, task, dtype="float32"))
+        low = LancePipeline.from_pretrained(upstream_root, task, dtype="float32", low_memory=True)
+        assert low.vae is None and low.vit is None  # loaded when a phase needs them
+        assert np.array_equal(call(low), ref) if not isinstance(ref, str) else call(low) == ref
+        if task != "x2t_image":
+            assert low.model is None and low.vit is None and low.vae is not None  # released before the decode
+            assert np.array_equal(call(low), ref)  # the LLM comes back for the next request
+    und4 = LancePipeline.from_pretrained(upstream_root, "t2i", dtype="float32", low_memory=True, und_bits=4)
+    layer = und4.model.language_model.model.layers[0]
+    assert isinstance(layer.mlp.up_proj, nn.QuantizedLinear) and type(layer.mlp_moe_gen.up_proj) is nn.Linear
+    assert und4.generate_image(PROMPT, width=32, height=32, steps=2).size == (32, 32)
