@@ -144,3 +144,29 @@ def test_killed_server_marks_its_running_job_failed(upstream_root, tmp_path):
             assert not [p for p in (out / "outputs").iterdir() if ".partial" in p.name or job["id"] in p.name]
     finally:
         H.stop_server(proc)
+
+
+def test_openai_client_works_unchanged(server):
+    from openai import OpenAI
+
+    client, _ = server
+    oa = OpenAI(base_url=str(client.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    img = oa.images.generate(model="Lance_3B", prompt="a fox", size="32x32", n=2, extra_body={"steps": 1})
+    assert len(img.data) == 2 and img.data[0].b64_json and img.data[0].revised_prompt == "a fox"
+    url = H.data_url(H.png_bytes())
+    content = [{"type": "text", "text": "Describe it."}, {"type": "image_url", "image_url": {"url": url}}]
+    answer = oa.chat.completions.create(model="Lance_3B", max_tokens=3, messages=[{"role": "user", "content": content}])
+    assert answer.choices[0].message.content and answer.usage.completion_tokens == 3
+    pieces = [c.choices[0].delta.content for c in oa.chat.completions.create(
+        model="Lance_3B", max_tokens=3, stream=True, messages=[{"role": "user", "content": content}]) if c.choices]
+    assert "".join(p or "" for p in pieces) == answer.choices[0].message.content
+    video = oa.videos.create(prompt="waves", size="32x32", seconds="1", extra_body={"steps": 1})
+    assert video.status in ("queued", "in_progress") and video.object == "video"
+    deadline = time.monotonic() + 60
+    while (video := oa.videos.retrieve(video.id)).status not in ("completed", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert video.status == "completed" and video.progress == 100
+    assert oa.videos.download_content(video.id).read()[4:8] == b"ftyp"
+    assert video.id in [v.id for v in oa.videos.list()]
+    assert oa.videos.delete(video.id).deleted is True

@@ -193,10 +193,12 @@ class Engine:
         return len(self._pending)
 
     def position(self, job: Job) -> int:
-        try:
-            return list(self._pending).index(job) + 1
-        except ValueError:
-            return 0
+        """1 for the next job to run, 0 when not queued."""
+        with self._cond:
+            try:
+                return self._pending.index(job) + 1
+            except ValueError:
+                return 0
 
     def cancel(self, job_id: str) -> Optional[Job]:
         """Cancel a queued job now, a running one at its next step; None if the job is not queued or running."""

@@ -138,6 +138,7 @@ async function generate(ev) {
     state.job = null;
     state.abort = null;
     loadHistory();
+    refreshModels().catch(() => {});
   }
 }
 
@@ -312,12 +313,16 @@ async function start() {
   await init();
 }
 
+async function refreshModels() {
+  const models = await (await api("/v1/models")).json();
+  const resident = models.data.filter((m) => m.resident).map((m) => m.id);
+  $("model-status").textContent = "in memory: " + (resident.length ? resident.join(", ") : "none yet");
+}
+
 async function init() {
   try {
     state.presets = await (await api("/v1/presets")).json();
-    const models = await (await api("/v1/models")).json();
-    const resident = models.data.filter((m) => m.resident).map((m) => m.id);
-    $("model-status").textContent = "in memory: " + (resident.length ? resident.join(", ") : "none yet");
+    await refreshModels();
   } catch (e) {
     $("model-status").textContent = e.message;
     return;
