@@ -196,3 +196,20 @@ def test_history_survives_restart(upstream_root, tmp_path):
         assert [(j["prompt"], j["status"]) for j in jobs] == [("kept", "completed")]
         assert jobs[0]["settings"]["size"] == "32x32" and jobs[0]["settings"]["steps"] == 1
         assert client.get(url).status_code == 200
+
+
+def test_stopping_the_server_fails_its_unfinished_jobs(upstream_root, tmp_path):
+    out = tmp_path / "stopped"
+    client, _ = make_client(upstream_root, out, max_steps=1000)
+    with client:
+        running = client.post("/v1/jobs", json={"task": "t2i", **LONG}).json()
+        queued = client.post("/v1/jobs", json={"task": "t2i", **LONG}).json()
+        for _ in range(200):
+            if client.get("/health").json()["running"] == running["id"]:
+                break
+            time.sleep(0.02)
+    client, _ = make_client(upstream_root, out)
+    with client:  # a clean shutdown: both jobs end failed with the reason, not left "in progress"
+        for job in (running, queued):
+            got = client.get(f"/v1/jobs/{job['id']}").json()
+            assert got["status"] == "failed" and got["error"]["code"] == "server_stopped", got

@@ -27,6 +27,7 @@ log = logging.getLogger("lance_mlx.server")
 # The task each checkpoint is loaded for: the one needing every component (tokenizer, ViT, VAE), so one load serves
 # every task of that checkpoint (checkpoints.TASKS).
 FULL_TASK = {"image": "image_edit", "video": "video_edit"}
+STOPPED = "the server stopped before this job could finish"
 DENOISE_SHARE = 95  # progress (percent) reached when the last denoising step is done; decoding takes the rest
 
 
@@ -165,7 +166,7 @@ class Engine:
                 self.running.cancel_flag.set()
             self._cond.notify_all()
         for job in left:
-            self._finish(job, "failed", {"code": "server_stopped", "message": "the server stopped before this job ran"})
+            self._finish(job, "failed", {"code": "server_stopped", "message": STOPPED})
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -221,6 +222,14 @@ class Engine:
             queued.events.emit({"type": "queued", "position": i + 1})
 
     def _loop(self) -> None:
+        import mlx.core as mx
+
+        # MLX streams belong to the thread that made them (since MLX 0.31.2 the main thread's default stream cannot
+        # be used here: "There is no Stream(gpu, 0) in current thread"), so the worker runs on one of its own.
+        with mx.stream(mx.new_stream(mx.default_device())):
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
@@ -250,6 +259,8 @@ class Engine:
             else:
                 self._generate(job)
         except Cancelled:
+            if self._stopping:
+                return self._finish(job, "failed", {"code": "server_stopped", "message": STOPPED})
             return self._finish(job, "cancelled", None)
         except LanceError as e:
             code = "invalid_request" if isinstance(e, (InvalidRequestError, InvalidTypeError)) else _snake(e)
