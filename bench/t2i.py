@@ -1,131 +1,123 @@
-"""Seconds per text-to-image denoising step at the full-size Lance config: KV-cached context vs full recompute."""
+"""Seconds per text-to-image denoising step at full size: sequential branches vs the batched compiled step vs the
+matmul floor of the same shapes, interleaved in one process."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
-from dataclasses import replace
+import sys
+from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    DTYPES,
+    FULL_LAYERS,
+    T_STEP,
+    blas_line,
+    build,
+    floor_step,
+    interleaved,
+    layer_bytes,
+    load_line,
+    summary,
+)
 
 from lance_mlx import sampler as S  # noqa: E402
 from lance_mlx import sequence as Q  # noqa: E402
-from lance_mlx.lance import Lance, LanceConfig  # noqa: E402
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # "A cat holds a poster with rainbow text "STOP"" in the Qwen2.5 vocabulary
 PROMPT_IDS = [32, 8251, 9982, 264, 22361, 448, 47613, 1467, 330, 50669, 1]
+MODES = {"sequential": "previous: branches one after the other, uncompiled",
+         "batched": "branches as one batch, uncompiled",
+         "new": "branches as one batch, mx.compile'd (the default)",
+         "floor-seq": "matmul floor of the sequential step's shapes",
+         "floor-new": "matmul floor of the batched step's shapes"}
 
 
-def build(layers: int, dtype) -> Lance:
-    """Random full-size Lance with `layers` decoder layers, initialised lazily and evaluated once."""
-    cfg = LanceConfig()
-    cfg = replace(cfg, llm=replace(cfg.llm, num_hidden_layers=layers))
-    mx.random.seed(0)
-    m = Lance(cfg)
-    m.set_dtype(dtype)
-    for _, p in tree_flatten(m.parameters()):  # one tensor at a time keeps the float32 init transient
-        mx.eval(p)
-    return m
+def step_cases(m, seq, modes, cfg_text: float = 4.0, cfg_image: float = 1.0, **prepare):
+    """Callables of one step each (velocity at a fixed x, Euler update, evaluated) for the requested modes."""
+    ctx = m.prepare_generation(seq, **prepare)
+    x0 = mx.random.normal((ctx.num_tokens, 48), key=mx.random.key(0))
+    rows = 1 + (cfg_text > 1.0 or cfg_image > 1.0) + (cfg_image > 1.0)
+
+    def step(**kw):
+        return lambda: mx.eval(S.euler_step(x0, m.velocity(ctx, x0, T_STEP, cfg_text, cfg_image, **kw).v, 0.01))
+
+    make = {"sequential": lambda: step(batched=False), "batched": lambda: step(compiled=False),
+            "new": lambda: step(), "floor-seq": lambda: floor_step(m, ctx.num_tokens, rows, batched=False),
+            "floor-new": lambda: floor_step(m, ctx.num_tokens, rows, batched=True)}
+    return ctx, {md: make[md]() for md in modes}
 
 
-def layer_bytes(m: Lance) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(m.language_model.model.layers[0].parameters()))
-
-
-def timed(step, warmup: int, steps: int):
-    """(min wall, mean wall, mean CPU) seconds of the timed steps. The min wall time is the least disturbed by
-    other load on the machine; CPU time (all threads of this process) does not grow with that load."""
-    for _ in range(warmup):
-        step()
-    wall, cpu = [], []
-    for _ in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return min(wall), sum(wall) / len(wall), sum(cpu) / len(cpu)
-
-
-def bench_one(m: Lance, size: int, warmup: int, steps: int, modes):
-    h = w = size // 16
-    seq = Q.generation_sequence("t2i", PROMPT_IDS, (1, h, w))
-    rows = []
-    mx.reset_peak_memory()
+def first_call_seconds(cases) -> float:
+    """Time of the compiled step's first call (trace + kernel build + one step), run before the timed rounds."""
+    import time
     t0 = time.perf_counter()
-    ctx = m.prepare_generation(seq)
-    prefill_s = time.perf_counter() - t0
-    x0 = mx.random.normal((h * w, 48), key=mx.random.key(0))
-    t_step = float(S.timesteps(30, 3.5)[0][5])  # a CFG step (both branches)
-    state = {"x": x0}
+    cases["new"]()
+    return time.perf_counter() - t0
 
-    def cached():
-        v = m.velocity(ctx, state["x"], t_step, 4.0).v
-        state["x"] = S.euler_step(state["x"], v, 0.01)
-        mx.eval(state["x"])
 
-    def uncached():
-        x = state["x"]
-        v_c = m.velocity_uncached(ctx.cond.branch, x, t_step)
-        v_u = m.velocity_uncached(ctx.uncond.branch, x, t_step)
-        v_cfg = S.cfg_combine(v_c, v_u, 4.0)
-        state["x"] = S.euler_step(x, v_cfg * S.renorm_scale(v_c, v_cfg), 0.01)
-        mx.eval(state["x"])
+def report(label: str, res, header: bool):
+    """One table row per mode; ratios of CPU medians and of fastest walls."""
+    s = {md: summary(v) for md, v in res.items()}
+    if header:
+        print("| case | mode | wall s min | wall s median | CPU s min | CPU s median "
+              "| ÷ sequential (CPU med / wall min) | ÷ own floor (CPU med / wall min) |")
+        print("|---|---|---|---|---|---|---|---|")
+    for md, r in s.items():
+        ref = s.get("sequential")
+        floor = s.get("floor-seq" if md == "sequential" else "floor-new")
+        vs_seq = f"{r['cpu_med'] / ref['cpu_med']:.2f} / {r['wall_min'] / ref['wall_min']:.2f}" \
+            if ref and not md.startswith("floor") else "-"
+        vs_floor = f"{r['cpu_med'] / floor['cpu_med']:.2f} / {r['wall_min'] / floor['wall_min']:.2f}" \
+            if floor and not md.startswith("floor") else "-"
+        print(f"| {label} | {md} | {r['wall_min']:.1f} | {r['wall_med']:.1f} | {r['cpu_min']:.1f} | "
+              f"{r['cpu_med']:.1f} | {vs_seq} | {vs_floor} |", flush=True)
 
-    for mode in modes:
-        state["x"] = x0
-        mx.reset_peak_memory()
-        sec, mean, cpu = timed(cached if mode == "kv-cache" else uncached, warmup, steps)
-        rows.append(dict(size=size, tokens=h * w, ctx=ctx.cond.branch.context_len, mode=mode, sec=sec, mean=mean,
-                         cpu=cpu,
-                         peak=mx.get_peak_memory(), prefill=prefill_s if mode == "kv-cache" else None))
-    return rows
+
+def header(args, what: str):
+    print(f"# Lance {what} denoising step, full-size config (hidden 2048, MLP 11008, 16/2 heads), random weights")
+    print(blas_line())
+    print(f"- {args.layers} of {FULL_LAYERS} decoder layers built, weights {args.dtype}; one step = every guidance "
+          f"branch at t = {T_STEP} (inside the guidance interval), text CFG 4")
+    first = ("the compiled step is called once before the rounds (trace + kernel build, reported)"
+             if args.first_call else "round 1 of the compiled step includes its trace and kernel build")
+    print(f"- modes interleaved {'/'.join(args.modes.split(','))} x {args.rounds} rounds in this process; {first}")
+    for md in args.modes.split(","):
+        print(f"  - {md}: {MODES[md]}")
+    print("- CPU s: process CPU time, all threads (grows less than wall time when other jobs share the machine)")
+    print(f"- machine at start: {load_line()}\n", flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="256,512", help="square image sizes in pixels (comma list)")
-    ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16, float16")
-    ap.add_argument("--layers", type=int, default=1,
-                    help="decoder layers actually built (36 = full model; times and memory are scaled to 36)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=2, help="timed denoising steps per row")
-    ap.add_argument("--modes", default="kv-cache,recompute", help="kv-cache and/or recompute")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers built (36 = the full model)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every mode")
+    ap.add_argument("--modes", default="sequential,new,floor-seq,floor-new", help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--first-call", action="store_true",
+                    help="call the compiled step once before the timed rounds (else round 1 includes its trace and "
+                         "kernel build, a few seconds)")
     args = ap.parse_args(argv)
-
-    full_layers = LanceConfig().llm.num_hidden_layers
-    preload = os.environ.get("LD_PRELOAD", "")
-    print("# Lance t2i denoising step, full-size config (hidden 2048, MLP 11008, 16/2 heads), random weights")
-    print(f"- machine: {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__}, "
-          f"device {mx.default_device()}")
-    print(f"- BLAS: {'OpenBLAS via LD_PRELOAD=' + preload if 'openblas' in preload else 'MLX default (no LD_PRELOAD)'}")
-    print(f"- built {args.layers} of {full_layers} decoder layers (embeddings, lm_head, adapters full size); "
-          f"'36-layer' columns scale the step time by {full_layers}/{args.layers} and add "
-          f"{full_layers - args.layers} x one layer's weight bytes to the peak memory")
-    print(f"- one step = conditional + unconditional branch (CFG 4, t inside the CFG interval); "
-          f"{args.warmup} warm-up + {args.steps} timed steps per row; the 36-layer columns use the fastest step")
-    print("- CPU s/step: process CPU time (all threads); other jobs on the machine slow the wall time, not this")
-    print("- kv-cache: template context prefilled once, each step runs only the noise block against it; "
-          "recompute: the whole branch sequence with the explicit sparse mask every step\n")
-    print("| dtype | image | latent tokens | context tokens | mode | wall s/step min (mean) | CPU s/step "
-          "| wall s/step 36 layers | prefill s (36 l.) | peak GB measured | peak GB 36 layers |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    scale = full_layers / args.layers
-    for name in args.dtypes.split(","):
-        m = build(args.layers, DTYPES[name])
-        extra = (full_layers - args.layers) * layer_bytes(m)
-        for size in [int(s) for s in args.sizes.split(",")]:
-            for r in bench_one(m, size, args.warmup, args.steps, args.modes.split(",")):
-                pre = f"{r['prefill'] * scale:.2f}" if r["prefill"] is not None else "-"
-                print(f"| {name} | {size}x{size} | {r['tokens']} | {r['ctx']} | {r['mode']} | {r['sec']:.2f} "
-                      f"({r['mean']:.2f}) | {r['cpu']:.2f} "
-                      f"| {r['sec'] * scale:.1f} | {pre} | {r['peak'] / 1e9:.2f} | {(r['peak'] + extra) / 1e9:.2f} |",
-                      flush=True)
-        del m
+    modes = args.modes.split(",")
+    header(args, "text-to-image")
+    m = build(args.layers, DTYPES[args.dtype])
+    print(f"- weights: {layer_bytes(m) * args.layers / 1e9:.2f} GB in the decoder layers\n")
+    for i, size in enumerate(int(s) for s in args.sizes.split(",")):
+        seq = Q.generation_sequence("t2i", PROMPT_IDS, (1, size // 16, size // 16))
+        ctx, cases = step_cases(m, seq, modes)
+        first = first_call_seconds(cases) if "new" in cases and args.first_call else None
+        res = interleaved(cases, args.rounds, {})
+        label = f"t2i {size}² ({ctx.num_tokens} + 2 noise tokens, contexts {ctx.cond.branch.context_len}/" \
+                f"{ctx.uncond.branch.context_len})"
+        report(label, res, i == 0)
+        if first is not None:
+            print(f"|  | (first compiled call: {first:.1f} s wall) |  |  |  |  |  |  |", flush=True)
+        del ctx, cases
         mx.clear_cache()
+    print(f"\n- machine at end: {load_line()}; peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
 
 
 if __name__ == "__main__":
