@@ -48,7 +48,7 @@ new MutationObserver(log).observe(document.getElementById('status'), {childList:
 
 def test_page_generates_an_image_and_keeps_it_in_history(upstream_root, tmp_path, browser):
     out, port = tmp_path / "served", free_port()
-    proc, base = start_server(upstream_root, out, port=port)
+    proc, base = start_server(upstream_root, out, "--max-steps", "1000", port=port)
     try:
         browser.get(base + "/")
         wait = WebDriverWait(browser, 60)
@@ -69,6 +69,17 @@ def test_page_generates_an_image_and_keeps_it_in_history(upstream_root, tmp_path
         assert any(s.startswith("Step 2 / 2") for s in log), log
         assert browser.find_element(By.ID, "status").text == "Done."
         assert browser.execute_script("return document.getElementById('progress').value") == 100
+
+        steps = browser.find_element(By.ID, "steps")  # a long run, cancelled from the page mid-way
+        steps.clear()
+        steps.send_keys("1000")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("Step"))
+        browser.find_element(By.ID, "cancel").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text == "Cancelled.")
+        assert 0 < browser.execute_script("return document.getElementById('progress').value") < 95
+        steps.clear()
+        steps.send_keys("2")
     finally:
         stop_server(proc)
 
@@ -78,6 +89,7 @@ def test_page_generates_an_image_and_keeps_it_in_history(upstream_root, tmp_path
         wait = WebDriverWait(browser, 60)
         card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#history .card.completed"))[0]
         assert "a lighthouse at dusk" in card.text and "t2i" in card.text
+        assert browser.find_elements(By.CSS_SELECTOR, "#history .card.cancelled")
         wait.until(lambda d: card.find_elements(By.CSS_SELECTOR, ".media img"))
         card.find_element(By.CSS_SELECTOR, "button.reuse").click()
         assert browser.find_element(By.ID, "seed").get_attribute("value") == "7"

@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from ..config import MAX_SEED
@@ -358,7 +357,3 @@ class Engine:
 def _snake(e: Exception) -> str:
     name = type(e).__name__.replace("Error", "")
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_") + "_error"
-
-
-def output_path(config: ServerConfig, name: str) -> Path:
-    return config.outputs / name

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -75,7 +74,3 @@ def output_file(config: ServerConfig, record: Dict[str, Any], index: int) -> Opt
         return None
     path = config.outputs / Path(outputs[index]).name
     return path if path.is_file() else None
-
-
-def now() -> int:
-    return int(time.time())
