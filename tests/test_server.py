@@ -219,3 +219,18 @@ def test_local_files_only_when_allowed(upstream_root, tmp_path):
         assert client.get(f"/v1/jobs/{r.json()['id']}").json()["settings"]["input"] == str(path)
         missing = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": str(path) + "x"}]}]}
         assert "no such file" in error_of(client.post("/v1/chat/completions", json=missing))["message"]
+
+
+def test_command_line():
+    from lance_mlx.cmd_serve import build_config, parse_args
+
+    args = parse_args([])
+    assert (args.host, args.port, args.api_key, args.allow_local_files) == ("127.0.0.1", 8000, None, False)
+    cfg = build_config(parse_args(["--model", "m", "--video-model", "v", "--max-queue", "8", "--max-body-mb", "2",
+                                   "--api-key", "k", "--dtype", "float32"]))
+    assert (cfg.model_for("image"), cfg.model_for("video"), cfg.max_queue) == ("m", "v", 8)
+    assert (cfg.max_body_bytes, cfg.api_key, cfg.dtype) == (2 * 2**20, "k", "float32")
+    assert build_config(parse_args(["--model", "m"])).model_for("video") == "m"
+    for bad in (["--max-queue", "0"], ["--port", "70000"], ["--max-steps", "-1"]):
+        with pytest.raises(SystemExit, match="error"):
+            build_config(parse_args(bad))
