@@ -170,3 +170,17 @@ def test_openai_client_works_unchanged(server):
     assert oa.videos.download_content(video.id).read()[4:8] == b"ftyp"
     assert video.id in [v.id for v in oa.videos.list()]
     assert oa.videos.delete(video.id).deleted is True
+
+
+def test_a_client_that_gives_up_cancels_its_job(server):
+    client, _ = server
+    with pytest.raises(httpx.ReadTimeout):  # the client stops waiting and closes its connection
+        client.post("/v1/images/generations", json={"prompt": "abandoned", "size": "32x32", "steps": 1000},
+                    timeout=1.5)
+    job = client.get("/v1/jobs?limit=1").json()["data"][0]
+    assert job["prompt"] == "abandoned"
+    deadline = time.monotonic() + 10
+    while (job := client.get(f"/v1/jobs/{job['id']}").json())["status"] in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert job["status"] == "cancelled" and job["outputs"] == []

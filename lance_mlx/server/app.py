@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -32,6 +33,7 @@ STATIC = Path(__file__).parent / "static"
 PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # no API key needed: no data behind them
 PRESET_RESOLUTIONS = (256, 384, 512, 640, 768, 1024)  # areas offered by the page's aspect-ratio presets
 MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 64
+DISCONNECT_POLL_S = 0.5  # how often a waiting synchronous request checks that its client is still there
 INTERRUPTED = "the server stopped while this job was queued or running (restart, crash or kill)"
 
 
@@ -188,9 +190,22 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             raise ApiError(429, "the job queue is full; retry later", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
 
-    async def finished(job: Job) -> Job:
-        async for _ in job.events.follow():
-            pass
+    async def finished(job: Job, request: Optional[Request] = None) -> Job:
+        """Wait for the job's end; with `request`, cancel the job if its client goes away first (a closed curl or
+        a client-side timeout should not keep the model busy for nobody)."""
+        async def follow():
+            async for _ in job.events.follow():
+                pass
+
+        if request is None:
+            await follow()
+            return job
+        done = asyncio.ensure_future(follow())
+        while not done.done():
+            await asyncio.wait([done], timeout=DISCONNECT_POLL_S)
+            if not done.done() and await request.is_disconnected():
+                engine().cancel(job.id)
+                await done
         return job
 
     def failure(job: Job) -> ApiError:
@@ -254,16 +269,16 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     async def image_generations(request: Request):
         fields, _ = await body(request)
         parsed = await run_in_threadpool(schemas.image_generation, fields, config)
-        return await image_result(parsed)
+        return await image_result(parsed, request)
 
     @app.post("/v1/images/edits")
     async def image_edits(request: Request):
         fields, files = await body(request)
         parsed = await run_in_threadpool(schemas.image_edit, fields, files, config)
-        return await image_result(parsed)
+        return await image_result(parsed, request)
 
-    async def image_result(parsed: Parsed):
-        job = await finished(submit(parsed))
+    async def image_result(parsed: Parsed, request: Request):
+        job = await finished(submit(parsed), request)
         if job.status != "completed":
             raise failure(job)
         return await run_in_threadpool(views.images_response, job, config, parsed.response_format)
@@ -276,7 +291,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             fields.values["stream_options"].get("include_usage"))
         job = submit(parsed)
         if not parsed.stream:
-            await finished(job)
+            await finished(job, request)
             if job.status != "completed":
                 raise failure(job)
             return views.chat_response(job)
