@@ -222,8 +222,14 @@ def denoise(model: Lance, seq: Sequence, params: SamplingParams, frozen: Optiona
     x0 = model.initial_noise(int(np.prod(shape)), params.seed, params.noise, shape)
     gen = DistributedGeneration(model, seq, params, layout, exchange)
     start = np.array(x0, dtype=np.float64)
-    exchange.agree(np.array(gen.fingerprint + [start.sum(), np.square(start).sum()]), "request and start latents")
-    yield from S.denoise(gen.velocity, x0, params, frozen)
+    try:
+        exchange.agree(np.array(gen.fingerprint + [start.sum(), np.square(start).sum()]), "request and start latents")
+        yield from S.denoise(gen.velocity, x0, params, frozen)
+    except RuntimeError as e:  # a collective failed: MLX's ring backend raises when a peer's connection drops
+        if exchange.size == 1:
+            raise
+        raise GenerationError(f"rank {layout.rank}: the exchange with the other ranks failed ({e}); another rank "
+                              "stopped (see its error) or the network went down") from e
 
 
 # ------------------------------------------------------------------------------------------------ command line
