@@ -213,3 +213,19 @@ def test_stopping_the_server_fails_its_unfinished_jobs(upstream_root, tmp_path):
         for job in (running, queued):
             got = client.get(f"/v1/jobs/{job['id']}").json()
             assert got["status"] == "failed" and got["error"]["code"] == "server_stopped", got
+
+
+def test_full_disk_is_refused_before_the_work(served, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    client, cfg = served
+    before = set(cfg.outputs.iterdir())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 100))
+    r = client.post("/v1/images/generations", json={"prompt": "no room", **H.FAST})
+    err = error_of(r, 507)
+    assert err["code"] == "output_error" and "not enough space" in err["message"]
+    assert set(cfg.outputs.iterdir()) == before
+    job = client.get("/v1/jobs?limit=1").json()["data"][0]
+    assert job["status"] == "failed" and job["error"]["code"] == "output_error"

@@ -212,9 +212,10 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         if job.status == "cancelled":
             return ApiError(409, f"job {job.id} was cancelled", code="cancelled")
         err = job.error or {}
-        status = 400 if err.get("code") == "invalid_request" else 500
+        # 507: the output folder's disk is full (media.check_free_space / a failed write), else a bug: 500
+        status = {"invalid_request": 400, "output_error": 507, "write_error": 507}.get(err.get("code"), 500)
         return ApiError(status, err.get("message", "the job failed"), "invalid_request_error" if status == 400
-                        else "server_error", err.get("param"), err.get("code"))
+                        else "server_error", err.get("param") if status == 400 else None, err.get("code"))
 
     def record(job_id: str) -> Tuple[Dict[str, Any], int]:
         job = engine().active(job_id)

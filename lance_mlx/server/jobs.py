@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from ..config import MAX_SEED
 from ..errors import InvalidRequestError, InvalidTypeError, LanceError
-from ..media import SOFTWARE
+from ..media import SOFTWARE, check_free_space, estimate_output_bytes
 from ..tasks import ImageEdit, Request, TextToImage, Understand
 from .history import History
 from .settings import ServerConfig
@@ -314,6 +314,10 @@ class Engine:
             self._check_cancel(job)
             job.events.emit({"type": "prepare", "index": i})
             plan = pipe.plan(r)
+            t, h, w = plan.latent_shape
+            name = f"{job.id}-{i}.png" if image else f"{job.id}-{i}.mp4"
+            path = self.config.outputs / name
+            check_free_space(path, estimate_output_bytes(path, 16 * w, 16 * h, 4 * (t - 1) + 1))  # before the work
             latents = None
             for step in pipe.denoise(plan):
                 done = i * steps + step.index
@@ -323,15 +327,13 @@ class Engine:
                 self._check_cancel(job)
                 latents = step.latents
             job.events.emit({"type": "decode", "index": i})
-            t, h, w = plan.latent_shape
             meta = {"prompt" if r.text_field == "prompt" else "instruction": r.text, "task": r.task,
                     "width": 16 * w, "height": 16 * h, **r.sampling.as_metadata(), "model": job.model,
                     "dtype": self.config.dtype, "job": job.id, "software": SOFTWARE}
             if not image:
                 meta.update(frames=4 * (t - 1) + 1, fps=fps)
-            name = f"{job.id}-{i}.png" if image else f"{job.id}-{i}.mp4"
             self.config.outputs.mkdir(parents=True, exist_ok=True)
-            pipe.save(latents.reshape(1, t, h, w, -1), self.config.outputs / name, fps=fps, metadata=meta)
+            pipe.save(latents.reshape(1, t, h, w, -1), path, fps=fps, metadata=meta)
             job.outputs.append(name)
             self.history.update(job.id, outputs=job.outputs)
 
