@@ -1,4 +1,5 @@
-"""One rank of the distributed CLI test: inference.py's main with the tiny pipeline already loaded as model "tiny".
+"""One rank of the distributed CLI tests: inference.py's main with the tiny pipeline already loaded as model "tiny"
+(no transformers import in the ranks, see dist_rank.ByteLevelTokenizer).
 
 `mlx.launch ... -- python tests/dist_cli.py TASK ARGS...` (TASK: the task whose pipeline is preloaded, e.g. t2i).
 """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dist_rank import SCENARIOS, tiny_pipe
+from dist_rank import SCENARIOS, SOURCE, tiny_pipe
 from PIL import Image
 
 from lance_mlx import distributed as D
@@ -179,20 +179,35 @@ def test_batch_over_two_ranks(pipe, tmp_path):
         assert np.abs(np.asarray(got, dtype=np.int16) - np.asarray(want, dtype=np.int16)).max() <= 1, i
 
 
-def test_cli_guidance_parallel(converted, tmp_path):
-    """inference.py from a model folder with --parallel cfg on 2 ranks: rank 0 writes the one PNG, within 1 level of
-    the single-process image."""
-    from lance_mlx.pipeline import LancePipeline
-
-    model = converted["image"]
-    r = launch(2, "-m", "lance_mlx.cmd_generate", "--model", model, "--dtype", "float32", "--steps", "2", "--width",
-               "64", "--height", "48", "--prompt", "a red fox", "--out", tmp_path / "cfg.png", "--parallel", "cfg",
-               timeout=300)
+def test_cli_guidance_parallel(pipe, tmp_path):
+    """inference.py with --parallel cfg on 2 ranks: rank 0 alone reports and writes the PNG, within 1 level of the
+    single-process image."""
+    r = launch(2, "tests/dist_cli.py", "t2i", "--steps", "2", "--width", "64", "--height", "48", "--prompt",
+               "a red fox", "--out", tmp_path / "cfg.png", "--parallel", "cfg")
     assert "Traceback" not in r.stderr and "2 guidance group(s) x 1 token shard(s)" in r.stderr, r.stderr
-    assert "[rank 1]" not in r.stderr and r.stderr.count("saved") == 1
-    want = LancePipeline.from_pretrained(model, dtype="float32").generate_image("a red fox", 64, 48, steps=2)
+    assert "[rank 1]" not in r.stderr and r.stderr.count("saved") == 1 and r.stderr.count("[load]") == 1
+    want = pipe.generate_image("a red fox", 64, 48, steps=2)
     got = Image.open(tmp_path / "cfg.png")
     assert np.abs(np.asarray(got, dtype=np.int16) - np.asarray(want, dtype=np.int16)).max() <= 1
+
+
+def test_edit_prompts_file_in_one_process(pipe, tmp_path):
+    """edit.py --prompts-file without a launch: the items one after the other on the loaded model, item i seeded
+    --seed + i and written to OUT-00i."""
+    from lance_mlx import cmd_edit
+
+    D._LOADED[("tiny", "image_edit", "float32")] = pipe
+    (tmp_path / "p.txt").write_text("make it pink\nmake it snow\n")
+    Image.fromarray(SOURCE).save(tmp_path / "in.png")
+    try:
+        assert cmd_edit.main(["--model", "tiny", "--dtype", "float32", "--image", str(tmp_path / "in.png"),
+                              "--preset", "image_256res", "--steps", "1", "--seed", "5", "--prompts-file",
+                              str(tmp_path / "p.txt"), "--out", str(tmp_path / "e.png")]) == 0
+    finally:
+        D._LOADED.clear()
+    for i, instruction in enumerate(["make it pink", "make it snow"]):
+        meta = Image.open(tmp_path / f"e-{i:03d}.png").text
+        assert meta["instruction"] == instruction and meta["seed"] == str(5 + i)
 
 
 def test_one_output_refuses_batch():
