@@ -89,7 +89,7 @@ def data_url(data: bytes, content_type: str = "image/png") -> str:
 
 
 def parse_sse(text: str) -> list:
-    """SSE frames -> [(event name or None, data string)]."""
+    """SSE frames -> [(event name or None, data string)], comment-only blocks left out."""
     frames = []
     for block in text.replace("\r\n", "\n").split("\n\n"):
         if not block.strip():
@@ -100,7 +100,8 @@ def parse_sse(text: str) -> list:
                 event = line[6:].strip()
             elif line.startswith("data:"):
                 data.append(line[5:].lstrip(" "))
-        frames.append((event, "\n".join(data)))
+        if data:  # a block of comments only (": keep-alive") carries no event
+            frames.append((event, "\n".join(data)))
     return frames
 
 

@@ -229,3 +229,21 @@ def test_full_disk_is_refused_before_the_work(served, monkeypatch):
     assert set(cfg.outputs.iterdir()) == before
     job = client.get("/v1/jobs?limit=1").json()["data"][0]
     assert job["status"] == "failed" and job["error"]["code"] == "output_error"
+
+
+def test_a_waiting_event_stream_sends_keep_alives(served, monkeypatch):
+    import lance_mlx.server.app as server_app
+
+    client, _ = served
+    monkeypatch.setattr(server_app, "HEARTBEAT_S", 0.1)
+    running = client.post("/v1/jobs", json={"task": "t2i", **LONG}).json()
+    queued = client.post("/v1/jobs", json={"task": "t2i", **LONG}).json()
+    comments = 0
+    with client.stream("GET", f"/v1/jobs/{queued['id']}/events") as events:
+        for line in events.iter_lines():
+            comments += line.startswith(":")
+            if comments == 2:
+                break
+    for job in (queued, running):
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert wait_done(client, running["id"])[-1]["status"] == "cancelled"

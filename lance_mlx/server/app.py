@@ -33,6 +33,7 @@ STATIC = Path(__file__).parent / "static"
 PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # no API key needed: no data behind them
 PRESET_RESOLUTIONS = (256, 384, 512, 640, 768, 1024)  # areas offered by the page's aspect-ratio presets
 MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 64
+HEARTBEAT_S = 4.0  # an event stream waiting in the queue sends a comment this often (httpx times out after 5 s)
 DISCONNECT_POLL_S = 0.5  # how often a waiting synchronous request checks that its client is still there
 INTERRUPTED = "the server stopped while this job was queued or running (restart, crash or kill)"
 
@@ -403,7 +404,10 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             return StreamingResponse(replay(), media_type="text/event-stream")
 
         async def follow():
-            async for event in job.events.follow():
+            async for event in job.events.follow(heartbeat=HEARTBEAT_S):
+                if event is None:  # an SSE comment: clients ignore it, idle-timeouts see traffic
+                    yield ": keep-alive\n\n"
+                    continue
                 if event["type"] == "done":
                     event = {**event, "job": views.job_object(job.record())}
                 yield views.sse(event, event["type"])

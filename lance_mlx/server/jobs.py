@@ -60,8 +60,10 @@ class EventLog:
             except RuntimeError:  # that reader's loop has closed
                 pass
 
-    async def follow(self, start: int = 0) -> AsyncIterator[Dict[str, Any]]:
-        """Every event from index `start`, then each new one as it comes, until the final one."""
+    async def follow(self, start: int = 0, heartbeat: Optional[float] = None
+                     ) -> AsyncIterator[Optional[Dict[str, Any]]]:
+        """Every event from index `start`, then each new one as it comes, until the final one. With `heartbeat`,
+        None is yielded after that many seconds without an event (a reader can keep its connection alive)."""
         i = start
         while True:
             ready = None
@@ -74,7 +76,10 @@ class EventLog:
                 yield event
             i += len(batch)
             if ready is not None:
-                await ready.wait()
+                try:
+                    await asyncio.wait_for(ready.wait(), heartbeat)
+                except asyncio.TimeoutError:
+                    yield None
             elif closed and not batch:
                 return
 
