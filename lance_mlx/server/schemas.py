@@ -32,13 +32,13 @@ from .settings import ServerConfig
 
 # OpenAI fields accepted and ignored (they select hosted models or styles this server does not have).
 IGNORED = ("model", "user", "quality", "style", "background", "moderation", "output_format", "output_compression",
-           "stream_options", "n_ctx", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
+           "stream_options", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
            "parallel_tool_calls")
 SAMPLING_FIELDS = ("steps", "num_inference_steps", "guidance_scale", "image_guidance_scale", "timestep_shift",
                    "cfg_interval", "renorm_min", "seed", "sampler")
 POSTERIOR_FIELDS = ("posterior_seed", "posterior_mean")
 RESPONSE_FORMATS = ("b64_json", "url")
-PRESET_SLACK = 1.1  # a bucket of area ~resolution² may exceed it by a few percent (e.g. 640² -> 848x480 is less)
+PRESET_SLACK = 1.1  # buckets round sides to multiples of 16, so their area may pass resolution² by a few percent
 DEFAULT_RESOLUTION = {"image": IMAGE_SIZE[0], "video": I2V_RESOLUTION}  # presets' area when only an aspect is given
 
 
