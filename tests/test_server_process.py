@@ -134,6 +134,11 @@ def test_killed_server_marks_its_running_job_failed(upstream_root, tmp_path):
                 time.sleep(0.05)
     finally:
         H.stop_server(proc, kill=True)  # SIGKILL: no shutdown code runs
+    # what a write killed mid-way leaves (media.atomic_output's temporary name), and a file that is not ours
+    partial = out / "outputs" / f".{job['id']}-0.k3j2.partial.mp4"
+    partial.write_bytes(b"half a video")
+    theirs = out / "outputs" / ".notes.partial.txt"
+    theirs.write_text("mine")
     proc, base = H.start_server(upstream_root, out)
     try:
         with httpx.Client(base_url=base, timeout=60) as c:
@@ -141,7 +146,8 @@ def test_killed_server_marks_its_running_job_failed(upstream_root, tmp_path):
             assert got["status"] == "failed" and got["error"]["code"] == "server_restarted"
             assert [v["id"] for v in c.get("/v1/videos").json()["data"]] == [job["id"]]
             assert c.get(kept.json()["data"][0]["url"]).status_code == 200
-            assert not [p for p in (out / "outputs").iterdir() if ".partial" in p.name or job["id"] in p.name]
+            assert not partial.exists() and theirs.read_text() == "mine"
+            assert not [p for p in (out / "outputs").iterdir() if job["id"] in p.name]
     finally:
         H.stop_server(proc)
 

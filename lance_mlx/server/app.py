@@ -106,9 +106,10 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     @contextlib.asynccontextmanager
     async def lifespan(app):
         config.outputs.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(config.outputs / ".inputs", ignore_errors=True)  # scratch copies of uploaded videos
-        for stale in config.outputs.glob(".*.partial*"):  # atomic writes a killed process left behind
-            stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(config.scratch, ignore_errors=True)  # scratch copies of uploaded videos
+        for prefix in (".img_", ".video_"):  # partial writes of our jobs (media.atomic_output) a killed process left
+            for stale in config.outputs.glob(prefix + "*.partial*"):
+                stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
         history = History(config.database)
         failed = history.fail_interrupted(INTERRUPTED)
         if failed:

@@ -340,7 +340,7 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
     settings: Dict[str, Any] = {"task": task, "prompt": prompt, "fps": fps, **sampling_settings(s)}
     if task == "video_edit":
         preset = edit_preset(f, config, "video", VIDEO_PRESET)
-        video_frames, source_fps = inputs.video(clip, "video", config.outputs / ".inputs")
+        video_frames, source_fps = inputs.video(clip, "video", config.scratch)
         post = posterior(f)
         req = build(lambda: VideoEdit(video_frames, prompt, preset, source_fps, fps, s, post,
                                       source=clip.describe()), "prompt")
@@ -438,7 +438,7 @@ def chat(f: Fields, config: ServerConfig) -> Parsed:
     is_video = is_video or item.is_video
     preset = f.choice("preset", list(PRESETS))
     if is_video:
-        clip, fps = inputs.video(item, "messages", config.outputs / ".inputs")
+        clip, fps = inputs.video(item, "messages", config.scratch)
         visual: Any = clip
     else:
         visual, fps = inputs.image(item, "messages"), None

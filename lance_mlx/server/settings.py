@@ -45,5 +45,10 @@ class ServerConfig:
         return Path(self.output_dir) / "outputs"
 
     @property
+    def scratch(self) -> Path:
+        """Where uploaded videos are decoded from (each file removed once read; the folder emptied on start)."""
+        return self.outputs / ".lance-inputs"
+
+    @property
     def database(self) -> Path:
         return Path(self.output_dir) / "history.sqlite3"
