@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import replace
 from typing import Callable, Dict, List
@@ -83,19 +84,23 @@ def floor_step(m: Lance, n_noise: int, rows: int, batched: bool) -> Callable[[],
     return run
 
 
-def interleaved(cases: Dict[str, Callable[[], None]], rounds: int, warmup: Dict[str, int]) -> Dict[str, Dict]:
+def interleaved(cases: Dict[str, Callable[[], None]], rounds: int, warmup: Dict[str, int],
+                log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> Dict[str, Dict]:
     """Run the cases A, B, C, A, B, C, ... `rounds` times (after `warmup[name]` untimed calls of each), so machine
-    load drifts over all of them alike. Returns per case the wall and process-CPU seconds of every round."""
+    load drifts over all of them alike. Returns per case the wall and process-CPU seconds of every round; `log`
+    gets a line per timed call as it finishes (stderr by default: the table on stdout comes at the end)."""
     for name, fn in cases.items():
         for _ in range(warmup.get(name, 0)):
             fn()
     out = {name: {"wall": [], "cpu": []} for name in cases}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, fn in cases.items():
             w0, c0 = time.perf_counter(), time.process_time()
             fn()
             out[name]["wall"].append(time.perf_counter() - w0)
             out[name]["cpu"].append(time.process_time() - c0)
+            log(f"  round {r + 1} {name}: {out[name]['wall'][-1]:.1f} s wall, {out[name]['cpu'][-1]:.1f} s CPU, "
+                f"{load_line()}")
     return out
 
 
