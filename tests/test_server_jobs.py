@@ -76,6 +76,7 @@ def test_video_edit_job(served):
     ({"prompt": "x", "num_frames": 125}, "num_frames"),
     ({"prompt": "x", "seconds": "soon"}, "seconds"),
     ({"prompt": "x", "seconds": -2}, "seconds"),
+    ({"prompt": "x", "seconds": "12"}, "seconds"),  # OpenAI's longest: 145 frames at 12 fps, above 121
     ({"prompt": "x", "fps": 0}, "fps"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x", "size": "33x32"}, "size"),

@@ -232,8 +232,13 @@ def frames(f: Fields, config: ServerConfig, fps: float) -> int:
     elif f.has("seconds"):
         seconds = f.number("seconds") if not isinstance(f.values["seconds"], str) else _seconds(f.values["seconds"])
         if not 0 < seconds <= 3600:
-            raise InvalidRequestError(f"seconds must be above 0, got {seconds:g}", "seconds")
+            raise InvalidRequestError(f"seconds must be in (0, 3600], got {seconds:g}", "seconds")
         n = FRAME_STRIDE * round(seconds * fps / FRAME_STRIDE) + 1
+        if n > config.max_frames:
+            longest = (config.max_frames - 1) / fps
+            raise InvalidRequestError(f"{seconds:g} s at {fps:g} fps is {n} frames, above this server's limit of "
+                                      f"{config.max_frames} ({longest:g} s); ask for fewer seconds or a lower fps",
+                                      "seconds")
     else:
         n = VIDEO_FRAMES
     if n > config.max_frames:
