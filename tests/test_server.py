@@ -234,3 +234,16 @@ def test_command_line():
     for bad in (["--max-queue", "0"], ["--port", "70000"], ["--max-steps", "-1"]):
         with pytest.raises(SystemExit, match="error"):
             build_config(parse_args(bad))
+
+
+def test_the_http_layer_never_imports_mlx():
+    """Only the worker (jobs.py) touches MLX; routes, parsing and history work on plain Python, numpy and PIL."""
+    import ast
+
+    from server_helpers import ROOT
+
+    for name in ("app", "schemas", "inputs", "views", "history", "settings"):
+        tree = ast.parse((ROOT / "lance_mlx" / "server" / f"{name}.py").read_text())
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in imported if m.split(".")[0] == "mlx" or m.endswith(("pipeline", "lance"))], name
