@@ -145,7 +145,9 @@ def test_killed_server_marks_its_running_job_failed(upstream_root, tmp_path):
             got = c.get(f"/v1/videos/{job['id']}").json()
             assert got["status"] == "failed" and got["error"]["code"] == "server_restarted"
             assert [v["id"] for v in c.get("/v1/videos").json()["data"]] == [job["id"]]
-            assert c.get(kept.json()["data"][0]["url"]).status_code == 200
+            url = kept.json()["data"][0]["url"]
+            assert url.startswith("http://127.0.0.1:")  # absolute, as OpenAI's
+            assert c.get(url[url.index("/v1/"):]).status_code == 200  # on the restarted server's port
             assert not partial.exists() and theirs.read_text() == "mine"
             assert not [p for p in (out / "outputs").iterdir() if job["id"] in p.name]
     finally:

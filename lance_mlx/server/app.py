@@ -284,7 +284,8 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         job = await finished(submit(parsed), request)
         if job.status != "completed":
             raise failure(job)
-        return await run_in_threadpool(views.images_response, job, config, parsed.response_format)
+        return await run_in_threadpool(views.images_response, job, config, parsed.response_format,
+                                       str(request.base_url))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -31,13 +31,14 @@ def job_object(record: Dict[str, Any], position: int = 0) -> Dict[str, Any]:
     return out
 
 
-def images_response(job: Job, config: ServerConfig, response_format: str) -> Dict[str, Any]:
-    """OpenAI's images response: {created, data: [{b64_json | url, revised_prompt}]}."""
+def images_response(job: Job, config: ServerConfig, response_format: str, base_url: str) -> Dict[str, Any]:
+    """OpenAI's images response: {created, data: [{b64_json | url, revised_prompt}]}; URLs are absolute, as
+    OpenAI's, on the address the request came to."""
     data = []
     for i, name in enumerate(job.outputs):
         item: Dict[str, Any] = {"revised_prompt": job.request.text}
         if response_format == "url":
-            item["url"] = f"/v1/jobs/{job.id}/content?index={i}"
+            item["url"] = f"{base_url.rstrip('/')}/v1/jobs/{job.id}/content?index={i}"
         else:
             item["b64_json"] = base64.b64encode((config.outputs / name).read_bytes()).decode("ascii")
         data.append(item)
