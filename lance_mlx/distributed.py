@@ -359,6 +359,9 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
         steps = pipe.denoise(plan)
     else:
         layout = choose_layout(args.parallel, group.size(), rank, num_branches(plan.params))
+        if rank != 0 and request.task in ("t2i", "t2v"):
+            pipe.vae = None  # only rank 0 decodes; the next item loads afresh
+            _LOADED.clear()
         if shows:
             print(f"[{group.size()} ranks] {layout.describe()}", file=sys.stderr)
         steps = denoise(pipe.model, plan.sequence, plan.params, plan.frozen, layout)
