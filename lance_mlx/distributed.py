@@ -154,6 +154,9 @@ class DistributedGeneration:
         self.states: Dict[int, BranchState] = {i: model._branch_state(branches[i]) for i in self.available
                                                if i % layout.groups == layout.group}
         mx.eval(self.markers, self.pos_rows, *[s.rope for s in self.states.values()])
+        if self.block_len < layout.shards:
+            raise InvalidRequestError(f"the noise block has {self.block_len} tokens, too few to split over "
+                                      f"{layout.shards} ranks: use --parallel cfg or fewer ranks")
         self.bounds = shard_bounds(self.block_len, layout.shards)
         self.latent = latent_bounds(self.bounds, self.block_len)
         self.pad = max(b - a for a, b in self.latent)

@@ -32,6 +32,8 @@ SCENARIOS = {
                                      **VIDEO), "auto"),
     # per-token times (the frozen first latent frame), tokens sharded
     "i2v_seq": (lambda: ImageToVideo("a boat", SOURCE, 5, resolution=64, sampling=SamplingParams(steps=2)), "seq"),
+    # rank 1 is given another prompt: every rank must refuse before the first step
+    "mismatch": (lambda: TextToImage("a red fox", 64, 48, SamplingParams(steps=2)), "cfg"),
     # rank 1 raises after the first step while the others wait in the next step's collectives
     "fail": (lambda: TextToImage("a red fox", 64, 48, SamplingParams(steps=3)), "cfg"),
 }
@@ -76,21 +78,33 @@ def tiny_pipe():
 
 
 def main(out: Path, names) -> None:
+    from dataclasses import replace
+
     from lance_mlx import distributed as D
+    from lance_mlx.errors import GenerationError
 
     pipe = tiny_pipe()
     group = D.world()
     rank = group.rank()
     for name in names:
         make, mode = SCENARIOS[name]
-        plan = pipe.plan(make())
+        request = make()
+        if name == "mismatch" and rank == 1:
+            request = replace(request, prompt="a blue car")
+        plan = pipe.plan(request)
         exchange = D.Exchange(group, trace=[])
         layout = D.choose_layout(mode, group.size(), rank, D.num_branches(plan.params))
         x = None
-        for step in D.denoise(pipe.model, plan.sequence, plan.params, plan.frozen, layout, exchange):
-            x = step.latents
-            if name == "fail" and rank == 1:
-                raise RuntimeError("injected failure on rank 1")
+        try:
+            for step in D.denoise(pipe.model, plan.sequence, plan.params, plan.frozen, layout, exchange):
+                x = step.latents
+                if name == "fail" and rank == 1:
+                    raise RuntimeError("injected failure on rank 1")
+        except GenerationError as e:
+            if name != "mismatch":
+                raise
+            (out / f"{name}.r{rank}.err").write_text(str(e))
+            continue
         np.save(out / f"{name}.r{rank}.npy", np.array(x))
         (out / f"{name}.r{rank}.json").write_text(json.dumps({"trace": exchange.trace, "layout": [
             layout.groups, layout.shards], "received": exchange.received}))

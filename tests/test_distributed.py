@@ -138,12 +138,17 @@ def test_prompts_file_items(tmp_path):
 # ---------------------------------------------------------------------------------------------- mlx.launch
 def test_two_ranks(pipe, tmp_path):
     """Guidance-parallel t2i (the last step outside the guidance interval) and image edit (3 branches on 2 ranks),
-    sequence-parallel t2v and i2v (47- and 32-token blocks), each equal to the single-process loop."""
-    names = ["t2i", "edit", "t2v_seq", "t2v_auto", "i2v_seq"]
+    sequence-parallel t2v and i2v (47- and 32-token blocks), each equal to the single-process loop; ranks given
+    different requests refuse together."""
+    names = ["t2i", "edit", "t2v_seq", "t2v_auto", "i2v_seq", "mismatch"]
     r = launch(2, "tests/dist_rank.py", tmp_path, *names)
     assert "Traceback" not in r.stderr, r.stderr
     check_ranks(pipe, tmp_path, 2, {"t2i": (2, 1), "edit": (2, 1), "t2v_seq": (1, 2), "t2v_auto": (2, 1),
                                     "i2v_seq": (1, 2)})
+    # a rank launched with another request: every rank refuses before the first step, nothing is exchanged
+    for rank in (0, 1):
+        assert "ranks [1] differ from rank 0" in (tmp_path / f"mismatch.r{rank}.err").read_text()
+        assert not (tmp_path / f"mismatch.r{rank}.npy").exists()
 
 
 def test_four_ranks(pipe, tmp_path):
