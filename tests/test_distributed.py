@@ -151,6 +151,13 @@ def test_two_ranks(pipe, tmp_path):
         assert not (tmp_path / f"mismatch.r{rank}.npy").exists()
 
 
+def test_three_ranks(pipe, tmp_path):
+    """Three-branch image guidance on 3 ranks (one branch each) and a 47-token block in shards of 16, 16, 15."""
+    r = launch(3, "tests/dist_rank.py", tmp_path, "edit", "t2v_seq")
+    assert "Traceback" not in r.stderr, r.stderr
+    check_ranks(pipe, tmp_path, 3, {"edit": (3, 1), "t2v_seq": (1, 3)})
+
+
 def test_four_ranks(pipe, tmp_path):
     """Sequence-parallel over 4 (a 47-token block: shards of 12, 12, 12, 11) and guidance x sequence (2 x 2)."""
     r = launch(4, "tests/dist_rank.py", tmp_path, "edit", "t2v_seq", "t2v_auto")
