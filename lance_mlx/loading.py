@@ -189,7 +189,22 @@ def load_vae(path: Path, dtype: mx.Dtype = mx.float32, lazy: bool = False) -> Wa
     return vae
 
 
+_TOKENIZERS: dict = {}  # (folder, its tokenizer files' sizes and mtimes) -> tokenizer
+
+
 def load_tokenizer(folder: Path):
+    """The folder's tokenizer, built once per process: building one takes ~1 s of pure Python (holding the GIL),
+    and a server or a prompt-length check asks for the same one again. A changed file builds it anew."""
+    folder = Path(folder).resolve()
+    stamp = tuple((n, st.st_size, st.st_mtime_ns) for n in TOKENIZER_FILES + ("config.json",)
+                  if (f := folder / n).is_file() and (st := f.stat()))
+    key = (str(folder), stamp)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _build_tokenizer(folder)
+    return _TOKENIZERS[key]
+
+
+def _build_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     # A config.json without a transformers model_type beside the tokenizer (convert.py folders) makes

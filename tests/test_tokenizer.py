@@ -47,3 +47,19 @@ def test_special_tokens_and_template_ids():
     assert tok("Hello world", add_special_tokens=False).input_ids == [9707, 1879]
     assert tok("\n", add_special_tokens=False).input_ids == [198]
     assert tok("assistant", add_special_tokens=False).input_ids == [77091]
+
+
+def test_tokenizer_is_built_once_per_folder_and_rebuilt_when_it_changes(converted, tmp_path):
+    import os
+    import shutil
+
+    from lance_mlx.loading import load_tokenizer
+
+    folder = shutil.copytree(converted["image"], tmp_path / "model", ignore=shutil.ignore_patterns("*.safetensors"))
+    first = load_tokenizer(folder)
+    assert load_tokenizer(folder) is first and load_tokenizer(folder / ".." / "model") is first
+    config = folder / "tokenizer_config.json"
+    st = config.stat()
+    os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = load_tokenizer(folder)
+    assert again is not first and again("a fox")["input_ids"] == first("a fox")["input_ids"]
