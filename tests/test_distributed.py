@@ -19,7 +19,8 @@ from lance_mlx.distributed_seq import latent_bounds, shard_bounds
 from lance_mlx.errors import InvalidRequestError
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCHER = Path(sys.executable).parent / "mlx.launch"
+# `lance-mlx-launch`: mlx.launch with an exit status that reports a failed rank
+LAUNCHER = [sys.executable, "-m", "lance_mlx.launch"]
 # each rank one thread, so several ranks share this machine's cores fairly
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
        "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -47,9 +48,11 @@ def _free(port: int) -> bool:
 
 
 def launch(n: int, *command, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [str(LAUNCHER), "--backend", "ring", "-n", str(n), "--hosts", "127.0.0.1", "--starting-port",
+    cmd = [*LAUNCHER, "--backend", "ring", "-n", str(n), "--hosts", "127.0.0.1", "--starting-port",
            str(free_port(n)), "--", sys.executable, *map(str, command)]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert (r.returncode == 0) == ("exited with code" not in r.stderr and "was killed" not in r.stderr), r.stderr
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +176,7 @@ def test_failing_rank_ends_the_launch(tmp_path):
     assert time.monotonic() - t0 < 90
     assert "injected failure on rank 1" in r.stderr
     assert "rank 1 exited with code 1" in r.stderr  # mlx.launch saw the failure and terminated the other ranks
+    assert r.returncode == 1  # and lance-mlx-launch says so in its exit status
     assert not list(tmp_path.glob("fail.*"))
 
 
