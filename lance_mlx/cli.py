@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import re
 import signal
 import sys
@@ -10,6 +11,7 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
@@ -152,43 +154,67 @@ class PhaseTimer:
         print(f"[total] {total:.2f} s, peak memory {peak:.2f} GB", file=self.stream)
 
 
-def run_steps(steps, desc: str = "denoising"):
-    """Drain a step generator with a tqdm bar on stderr; returns the last step's latents."""
+def run_steps(steps, desc: str = "denoising", show: bool = True):
+    """Drain a step generator (with a tqdm bar on stderr when `show`); returns the last step's latents."""
     from tqdm import tqdm
 
     latents = None
     bar = None
     for step in steps:
-        if bar is None:
+        if bar is None and show:
             bar = tqdm(total=step.total, desc=desc, unit="step", file=sys.stderr)
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
         latents = step.latents
     if bar is not None:
         bar.close()
     return latents
 
 
-def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict) -> None:
-    """The generation commands' run: load (request checked first), plan, denoise with a bar, decode and write `out`
-    with `metadata` plus the settings, sizes and model; per-phase time and peak memory on stderr."""
-    from .config import OUTPUT_FPS
-    from .media import SOFTWARE, save_metadata_json
+@dataclass(frozen=True)
+class RunRole:
+    """What this process does in a generation run: one process does everything; over several ranks
+    (distributed.py) only one shows progress and writes a shared output."""
+
+    shows: bool = True  # prints phases, progress and the summary
+    writes: bool = True  # decodes and writes the output (and its sidecar)
+    label: str = ""  # put before the "saved" line, e.g. "[rank 1] "
+
+
+def _load_pipeline(args, request):
     from .pipeline import LancePipeline
 
-    sidecar = sidecar_from_args(args)
-    if hasattr(request, "latent_shape"):  # sizes known before loading (t2i, t2v); the others are checked after plan
+    return LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
+
+
+def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict, *, load=_load_pipeline,
+                     denoise=None, role: RunRole = RunRole()) -> None:
+    """The generation commands' run: load (request checked first), plan, denoise with a bar, decode and write `out`
+    with `metadata` plus the settings, sizes and model; per-phase time and peak memory on stderr.
+
+    `load(args, request)` gives the pipeline and `denoise(pipe, plan)` the step generator (default
+    `pipe.denoise(plan)`); distributed.py passes its own for runs over several ranks."""
+    from .config import OUTPUT_FPS
+    from .media import SOFTWARE, save_metadata_json
+
+    sidecar = sidecar_from_args(args) if role.writes else None
+    if role.writes and hasattr(request, "latent_shape"):  # known before loading (t2i, t2v); others after plan
         check_space(out, request.latent_shape)
-    timer = PhaseTimer()
+    timer = PhaseTimer(stream=sys.stderr if role.shows else io.StringIO())
     with timer.phase("load"):
-        pipe = LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
+        pipe = load(args, request)
     with timer.phase(encode_phase):
         plan = pipe.plan(request)
-    check_space(out, plan.latent_shape)
+    if role.writes:
+        check_space(out, plan.latent_shape)
+    steps = pipe.denoise(plan) if denoise is None else denoise(pipe, plan)
     with timer.phase(f"denoise {request.sampling.steps} steps"):
-        latents = run_steps(pipe.denoise(plan))
+        latents = run_steps(steps, show=role.shows)
+    if not role.writes:
+        return
     t, h, w = plan.latent_shape
     frames, fps = 4 * (t - 1) + 1, getattr(request, "fps", OUTPUT_FPS)
-    meta = {**metadata, "width": 16 * w, "height": 16 * h, **request.sampling.as_metadata(), "model": args.model,
+    meta = {**metadata, "width": 16 * w, "height": 16 * h, **request.sampling.as_metadata(), "model": str(args.model),
             "dtype": args.dtype, "software": SOFTWARE}
     if request.checkpoint == "video":
         meta.update(frames=frames, fps=fps)
@@ -196,9 +222,10 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
         pipe.save(latents.reshape(1, t, h, w, -1), out, fps=fps, metadata=meta)
         if sidecar is not None:
             save_metadata_json({**meta, "output": str(out)}, sidecar)
-    timer.summary()
+    if role.shows:
+        timer.summary()
     what = f"{frames} frames at {fps:g} fps, " if request.checkpoint == "video" else ""
-    print(f"saved {out} ({what}{16 * w}x{16 * h})", file=sys.stderr)
+    print(f"{role.label}saved {out} ({what}{16 * w}x{16 * h})", file=sys.stderr)
 
 
 def check_space(out: Path, latent_shape) -> None:

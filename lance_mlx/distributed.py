@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -318,13 +317,6 @@ def run_prompts(args, run_one, text_field: str) -> int:
     return 0
 
 
-def _last(steps) -> mx.array:
-    latents = None
-    for step in steps:
-        latents = step.latents
-    return latents
-
-
 _LOADED: Dict[Tuple, object] = {}  # the pipeline of the last item, reused by the next items of a prompts file
 
 
@@ -345,43 +337,23 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     or one item of this rank's share of a prompts file (each rank writes its own). A single process without a
     prompts file takes cli.generate_to_file unchanged."""
     from . import cli
-    from .config import OUTPUT_FPS
-    from .media import SOFTWARE
 
     group = world()
     rank, batch_item = group.rank(), getattr(args, "batch_item", False)
     if group.size() == 1 and not batch_item:
         return cli.generate_to_file(args, request, out, encode_phase, metadata)
-    writes, shows = batch_item or rank == 0, rank == 0
-    timer = cli.PhaseTimer(stream=sys.stderr if shows else io.StringIO())
-    with timer.phase("load"):
-        pipe = _pipeline(args, request)
-    with timer.phase(encode_phase):
-        plan = pipe.plan(request)
-    if batch_item:
-        steps = pipe.denoise(plan)
-    else:
+    role = cli.RunRole(shows=rank == 0, writes=batch_item or rank == 0,
+                       label=f"[rank {rank}] " if group.size() > 1 else "")
+
+    def split_denoise(pipe, plan):
+        if batch_item:
+            return pipe.denoise(plan)
         layout = choose_layout(args.parallel, group.size(), rank, num_branches(plan.params))
         if rank != 0 and request.task in ("t2i", "t2v"):
             pipe.vae = None  # only rank 0 decodes; the next item loads afresh
             _LOADED.clear()
-        if shows:
+        if role.shows:
             print(f"[{group.size()} ranks] {layout.describe()}", file=sys.stderr)
-        steps = denoise(pipe.model, plan.sequence, plan.params, plan.frozen, layout)
-    with timer.phase(f"denoise {request.sampling.steps} steps"):
-        latents = cli.run_steps(steps) if shows else _last(steps)
-    if not writes:
-        return
-    t, h, w = plan.latent_shape
-    frames, fps = 4 * (t - 1) + 1, getattr(request, "fps", OUTPUT_FPS)
-    meta = {**metadata, "width": 16 * w, "height": 16 * h, **request.sampling.as_metadata(), "model": str(args.model),
-            "dtype": args.dtype, "software": SOFTWARE}
-    if request.checkpoint == "video":
-        meta.update(frames=frames, fps=fps)
-    with timer.phase("decode + write"):
-        pipe.save(latents.reshape(1, t, h, w, -1), out, fps=fps, metadata=meta)
-    if shows:
-        timer.summary()
-    what = f"{frames} frames at {fps:g} fps, " if request.checkpoint == "video" else ""
-    who = f"[rank {rank}] " if group.size() > 1 else ""
-    print(f"{who}saved {out} ({what}{16 * w}x{16 * h})", file=sys.stderr)
+        return denoise(pipe.model, plan.sequence, plan.params, plan.frozen, layout)
+
+    cli.generate_to_file(args, request, out, encode_phase, metadata, load=_pipeline, denoise=split_denoise, role=role)
