@@ -33,7 +33,18 @@ def add_model_args(p: argparse.ArgumentParser, default_dtype: str = "bfloat16") 
                         "needs are downloaded)")
     g.add_argument("--dtype", default=default_dtype, choices=sorted(DTYPES),
                    help=f"compute dtype of the LLM and ViT (default {default_dtype})")
+    g.add_argument("--low-memory", action="store_true",
+                   help="hold only what each phase needs: ViT/VAE loaded to encode or decode, the LLM released "
+                        "before the decode (same results; docs/memory.md)")
+    g.add_argument("--und-bits", type=int, choices=(4, 8),
+                   help="quantize the understanding expert after loading (less memory, results change a little; "
+                        "docs/memory.md)")
     g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def pipeline_options(args) -> dict:
+    """The `LancePipeline.from_pretrained` keywords of the model flags."""
+    return {"dtype": args.dtype, "low_memory": args.low_memory, "und_bits": args.und_bits}
 
 
 def add_seed_arg(g, default: int = D.seed) -> None:
@@ -64,7 +75,9 @@ def add_sampling_args(p: argparse.ArgumentParser, image_guidance: bool = False) 
                    help=f"lower clamp of the guidance renorm factor (default {D.renorm_min:g})")
     g.add_argument("--timestep-shift", type=float, default=D.shift,
                    help=f"flow-matching schedule shift (default {D.shift:g})")
-    g.add_argument("--sampler", default=D.sampler, choices=SAMPLERS, help=f"solver (default {D.sampler})")
+    g.add_argument("--sampler", default=D.sampler, choices=SAMPLERS,
+                   help="solver: euler (upstream, default), dpm++2m or unipc, one model call per step each "
+                        "(docs/solvers.md)")
     add_seed_arg(g)
 
 
@@ -184,7 +197,7 @@ class RunRole:
 def _load_pipeline(args, request):
     from .pipeline import LancePipeline
 
-    return LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
+    return LancePipeline.from_pretrained(args.model, request=request, **pipeline_options(args))
 
 
 def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict, *, load=_load_pipeline,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import PhaseTimer, add_model_args, add_seed_arg, main_guard
+from .cli import PhaseTimer, add_model_args, add_seed_arg, main_guard, pipeline_options
 from .config import MAX_ANSWER_TOKENS
 from .media import SOFTWARE, check_sidecar, save_metadata_json
 from .pipeline import LancePipeline
@@ -48,7 +48,7 @@ def run(args) -> int:
     sidecar = None if args.metadata_json is None else check_sidecar(args.metadata_json, force=args.force)
     timer = PhaseTimer()
     with timer.phase("load"):
-        pipe = LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
+        pipe = LancePipeline.from_pretrained(args.model, request=request, **pipeline_options(args))
     stream = pipe.answer(request)
     for piece in stream:
         sys.stdout.write(piece)

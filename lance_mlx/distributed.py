@@ -321,12 +321,13 @@ _LOADED: Dict[Tuple, object] = {}  # the pipeline of the last item, reused by th
 
 
 def _pipeline(args, request):
+    from . import cli
     from .pipeline import LancePipeline
 
     key = (str(args.model), request.task, args.dtype)
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = LancePipeline.from_pretrained(args.model, request=request, dtype=args.dtype)
+        _LOADED[key] = LancePipeline.from_pretrained(args.model, request=request, **cli.pipeline_options(args))
     pipe = _LOADED[key]
     pipe.check(request)
     return pipe

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional, Tuple
 
-from ..config import DEFAULT_SAMPLING, OUTPUT_FPS, POSTERIOR_SEED, SamplingParams
+from ..config import DEFAULT_SAMPLING, OUTPUT_FPS, POSTERIOR_SEED, SAMPLERS, SamplingParams
 from ..errors import InvalidRequestError, InvalidTypeError
 from ..processing import ASPECT_RATIOS, PRESETS, bucket_table
 from ..tasks import (
@@ -169,7 +169,7 @@ def sampling(f: Fields, config: ServerConfig) -> SamplingParams:
             steps=steps, shift=f.number("timestep_shift", d.shift), cfg_text=f.number("guidance_scale", d.cfg_text),
             cfg_image=f.number("image_guidance_scale", d.cfg_image),
             cfg_interval=tuple(interval), renorm_min=f.number("renorm_min", d.renorm_min),
-            seed=f.integer("seed", d.seed, 0, 2**63 - 1), sampler=f.choice("sampler", ("euler",), d.sampler))
+            seed=f.integer("seed", d.seed, 0, 2**63 - 1), sampler=f.choice("sampler", SAMPLERS, d.sampler))
     except (InvalidRequestError, InvalidTypeError) as e:
         raise type(e)(str(e), e.param or _sampling_param(str(e))) from None
 
