@@ -192,10 +192,13 @@ def load_vae(path: Path, dtype: mx.Dtype = mx.float32, lazy: bool = False) -> Wa
 _TOKENIZERS: dict = {}  # (folder, its tokenizer files' sizes and mtimes) -> tokenizer
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path, shared: bool = True):
     """The folder's tokenizer, built once per process: building one takes ~1 s of pure Python (holding the GIL),
-    and a server or a prompt-length check asks for the same one again. A changed file builds it anew."""
+    and a server or a prompt-length check asks for the same one again. A changed file builds it anew.
+    `shared=False` builds one of the caller's own (fast tokenizers must not be used from two threads at once)."""
     folder = Path(folder).resolve()
+    if not shared:
+        return _build_tokenizer(folder)
     stamp = tuple((n, st.st_size, st.st_mtime_ns) for n in TOKENIZER_FILES + ("config.json",)
                   if (f := folder / n).is_file() and (st := f.stat()))
     key = (str(folder), stamp)

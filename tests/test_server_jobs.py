@@ -92,6 +92,19 @@ def test_video_errors(served, body, param):
     assert error_of(client.post("/v1/videos", json={"steps": 1, **body}))["param"] == param
 
 
+def test_text_over_the_token_limit_is_refused_before_queueing(served):
+    """Counted with the checkpoint's tokenizer in the request, so a video job is a 400, never a queued failure."""
+    client, _ = served
+    before = len(client.get("/v1/videos").json()["data"])
+    long = "fox " * 5000  # ~5000 tokens, over the 4096-token limit
+    err = error_of(client.post("/v1/videos", json={"prompt": long, "size": "32x32", "num_frames": 5, "steps": 1}))
+    assert err["param"] == "prompt" and "4096 tokens" in err["message"]
+    err = error_of(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "text", "text": long}, {"type": "image_url", "image_url": {"url": H.data_url(H.png_bytes())}}]}]}))
+    assert err["param"] == "messages" and "4096 tokens" in err["message"]
+    assert len(client.get("/v1/videos").json()["data"]) == before  # nothing was queued
+
+
 def test_jobs_route_and_not_found(served):
     client, _ = served
     r = client.post("/v1/jobs", data={"task": "t2i", "prompt": "a cup", "size": "32x32", "steps": "1"})

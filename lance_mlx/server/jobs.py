@@ -12,8 +12,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
+from .. import checkpoints
 from ..config import MAX_SEED
 from ..errors import InvalidRequestError, InvalidTypeError, LanceError
 from ..media import SOFTWARE, check_free_space, estimate_output_bytes
@@ -143,6 +145,8 @@ class Engine:
         self._pending: collections.deque = collections.deque()
         self._active: Dict[str, Job] = {}
         self._cond = threading.Condition()
+        self._tokenizers: Dict[str, Any] = {}  # kind -> the HTTP side's tokenizer (None: not available yet)
+        self._tokenizer_lock = threading.Lock()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._pipe = None
@@ -158,6 +162,8 @@ class Engine:
 
         from .. import lance, pipeline, torch_checkpoint, vae_wan22, vit  # noqa: F401
 
+        for kind in ("image", "video"):  # the HTTP side's tokenizers, built now rather than in a request (~1 s each)
+            self._text_tokenizer(kind)
         self._thread = threading.Thread(target=self._loop, name="lance-worker", daemon=True)
         self._thread.start()
 
@@ -175,6 +181,7 @@ class Engine:
             self._thread.join(timeout)
 
     def submit(self, job: Job) -> Job:
+        self.check_text(job)
         with self._cond:
             if self._stopping:
                 raise QueueFull(self.retry_after())
@@ -186,6 +193,38 @@ class Engine:
             job.events.emit({"type": "queued", "position": len(self._pending)})
             self._cond.notify_all()
         return job
+
+    def check_text(self, job: Job) -> None:
+        """Refuse text over the token limit before the job is queued (a 400, not a failed job). Counted with a
+        tokenizer of the checkpoint's own (the worker's is not shared across threads), built once per checkpoint;
+        a hub id not downloaded yet is left to the worker, which checks the text when it loads the model."""
+        from ..pipeline import count_text_tokens
+
+        request = job.request
+        if request.text is None:
+            return
+        tokenizer = self._text_tokenizer(request.checkpoint or self.resident or "image")
+        if tokenizer is None:
+            return
+        try:
+            count_text_tokens(tokenizer, request)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(str(e), e.param or ("messages" if job.object == "chat.completion"
+                                                           else "prompt")) from None
+
+    def _text_tokenizer(self, kind: str):
+        from ..loading import load_tokenizer
+
+        with self._tokenizer_lock:
+            if kind not in self._tokenizers:
+                model = self.config.model_for(kind)
+                try:
+                    local = Path(model).expanduser().exists()
+                    files = checkpoints.resolve(model, FULL_TASK[kind]) if local else None
+                    self._tokenizers[kind] = files and load_tokenizer(files.tokenizer_dir, shared=False)
+                except LanceError:
+                    self._tokenizers[kind] = None
+            return self._tokenizers[kind]
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self._seconds_per_job))
