@@ -230,3 +230,33 @@ def test_one_output_refuses_batch():
     with pytest.raises(InvalidRequestError, match="give --prompt"):
         D.run_prompts(type("A", (), {"prompts_file": None, "prompt": None, "parallel": "auto"})(), None, "prompt")
     assert SamplingParams().steps == 30  # the defaults the CLI items start from are upstream's
+
+
+@pytest.mark.parametrize("rank,decodes", [(0, True), (1, False)])
+def test_each_rank_loads_what_it_uses(rank, decodes, converted, monkeypatch):
+    """A rank that never decodes (not rank 0 of a shared t2i output) never loads the VAE; no rank keeps lm_head.
+    The rank's pipeline still plans and denoises exactly as a full one."""
+    import argparse
+
+    from lance_mlx.pipeline import LancePipeline
+    from lance_mlx.tasks import TextToImage
+
+    class Rank:
+        def rank(self):
+            return rank
+
+        def size(self):
+            return 2
+
+    monkeypatch.setattr(D, "world", lambda: Rank())
+    args = argparse.Namespace(model=str(converted["image"]), dtype="float32", low_memory=False, und_bits=None)
+    request = TextToImage("a red fox", 32, 32, SamplingParams(steps=2))
+    D._LOADED.clear()
+    try:
+        pipe = D._pipeline(args, request)
+    finally:
+        D._LOADED.clear()
+    assert pipe.model.language_model.lm_head is None
+    assert (pipe.vae is not None) == decodes and pipe.low_memory == (not decodes)
+    full = LancePipeline.from_pretrained(converted["image"], "t2i", dtype="float32")
+    assert np.array_equal(np.array(pipe.latents(request)), np.array(full.latents(request)))
