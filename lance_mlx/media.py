@@ -46,17 +46,21 @@ def free_path(path) -> Path:
 
 
 def is_own_output(path) -> bool:
-    """Whether `path` is an earlier output of this tool: an image / video whose metadata says software=lance-mlx,
-    or a folder holding only such PNG frames (frame_NNNNN.png). Anything else is the user's."""
+    """Whether `path` is an earlier output of this tool: an image / video / JSON sidecar whose metadata says
+    software=lance-mlx, or a folder holding only such PNG frames (frame_NNNNN.png). Anything else is the user's."""
     path = Path(path)
     if path.is_symlink():
         return False
     if path.is_dir():
+        if path.suffix:  # PNG-frame outputs are suffix-less names (output_kind)
+            return False
         entries = list(path.iterdir())
         return bool(entries) and all(e.is_file() and e.name.startswith("frame_") and e.suffix == ".png"
                                      and is_own_output(e) for e in entries)
     if not path.is_file():
         return False
+    if path.suffix.lower() == ".json":  # a --metadata-json sidecar
+        return _is_own_json(path)
     if path.suffix.lower() in IMAGE_SUFFIXES + (".gif",):
         try:
             with Image.open(path) as im:
@@ -90,21 +94,30 @@ def check_output(path, kinds=("image", "video", "frames"), force: bool = False) 
     if str(path) in (".", "..", "") or resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
         raise OutputError(f"refusing to write over {path} (a folder that is not this tool's): name a new output, "
                           f"e.g. {free_path(Path(resolved) / ('out' + ('.png' if kind == 'image' else '.mp4')))}")
+    what = "folder" if path.is_dir() else "file"
+    return _check_replaceable(path, force, "out", "an output of lance-mlx", f"an earlier lance-mlx {what}")
+
+
+def _check_replaceable(path: Path, force: bool, param: str, foreign: str, earlier: str) -> Path:
+    """The rules every output path shares: an existing path must be our own (`is_own_output`) and `force` given;
+    the nearest existing parent must be a writable folder."""
+    from .errors import OutputError
+
     if path.exists() or path.is_symlink():
-        what = "folder" if path.is_dir() else "file"
         if not is_own_output(path):
-            raise OutputError(f"{path} exists and is not an output of lance-mlx; it is left alone: choose a free "
-                              f"name, e.g. {free_path(path)}")
+            raise OutputError(f"{path} exists and is not {foreign}; it is left alone: choose a free name, e.g. "
+                              f"{free_path(path)}", param)
         if not force:
-            raise OutputError(f"{path} exists (an earlier lance-mlx {what}): pass --force to replace it, or choose "
-                              f"a free name, e.g. {free_path(path)}")
+            raise OutputError(f"{path} exists ({earlier}): pass --force to replace it, or choose a free name, e.g. "
+                              f"{free_path(path)}", param)
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputError(f"cannot create {path}: {parent} is a file, not a folder")
+        raise OutputError(f"cannot create {path}: {parent} is a file, not a folder", param)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {parent} (permission denied): choose an output in a writable folder")
+        raise OutputError(f"cannot write to {parent} (permission denied): choose an output in a writable folder",
+                          param)
     return path
 
 
@@ -156,13 +169,7 @@ def check_sidecar(path, force: bool = False) -> Path:
     path = Path(path).expanduser()
     if path.suffix.lower() != ".json":
         raise OutputError(f"{path} is not a .json name: name the metadata file NAME.json", "metadata_json")
-    if path.is_dir() or ((path.exists() or path.is_symlink()) and not _is_own_json(path)):
-        raise OutputError(f"{path} exists and is not a lance-mlx metadata file; it is left alone: choose a free "
-                          f"name, e.g. {free_path(path)}", "metadata_json")
-    if path.exists() and not force:
-        raise OutputError(f"{path} exists (earlier lance-mlx metadata): pass --force to replace it, or choose a "
-                          f"free name, e.g. {free_path(path)}", "metadata_json")
-    return path
+    return _check_replaceable(path, force, "metadata_json", "a lance-mlx metadata file", "earlier lance-mlx metadata")
 
 
 def save_metadata_json(metadata: Dict[str, object], path) -> Path:
