@@ -211,14 +211,15 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     from .media import SOFTWARE, save_metadata_json
 
     sidecar = sidecar_from_args(args) if role.writes else None
-    if role.writes and hasattr(request, "latent_shape"):  # known before loading (t2i, t2v); others after plan
+    size_known = hasattr(request, "latent_shape")  # t2i, t2v: checked before loading; the others after plan
+    if role.writes and size_known:
         check_space(out, request.latent_shape)
     timer = PhaseTimer(stream=sys.stderr if role.shows else io.StringIO())
     with timer.phase("load"):
         pipe = load(args, request)
     with timer.phase(encode_phase):
         plan = pipe.plan(request)
-    if role.writes:
+    if role.writes and not size_known:
         check_space(out, plan.latent_shape)
     steps = pipe.denoise(plan) if denoise is None else denoise(pipe, plan)
     with timer.phase(f"denoise {request.sampling.steps} steps"):
