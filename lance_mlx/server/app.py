@@ -319,19 +319,19 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             if not job.done.is_set():  # the client went away: stop generating for nobody
                 engine().cancel(job.id)
 
+    async def queue_job(request: Request, parse) -> Dict[str, Any]:
+        """Parse a job body with `parse` (off the event loop: it decodes media), queue it, answer its job object."""
+        fields, files = await body(request)
+        job = submit(await run_in_threadpool(parse, fields, files, config))
+        return views.job_object(job.record(), engine().position(job))
+
     @app.post("/v1/videos")
     async def create_video(request: Request):
-        fields, files = await body(request)
-        parsed = await run_in_threadpool(schemas.video_job, fields, files, config)
-        job = submit(parsed)
-        return views.job_object(job.record(), engine().position(job))
+        return await queue_job(request, schemas.video_job)
 
     @app.post("/v1/jobs")
     async def create_job(request: Request):
-        fields, files = await body(request)
-        parsed = await run_in_threadpool(schemas.job, fields, files, config)
-        job = submit(parsed)
-        return views.job_object(job.record(), engine().position(job))
+        return await queue_job(request, schemas.job)
 
     @app.get("/v1/videos")
     async def list_videos(limit: int = 20, after: Optional[str] = None):

@@ -209,8 +209,7 @@ class Engine:
         try:
             count_text_tokens(tokenizer, request)
         except InvalidRequestError as e:
-            raise InvalidRequestError(str(e), e.param or ("messages" if job.object == "chat.completion"
-                                                           else "prompt")) from None
+            raise InvalidRequestError(str(e), e.param or _text_param(job)) from None
 
     def _text_tokenizer(self, kind: str):
         from ..loading import load_tokenizer
@@ -309,7 +308,7 @@ class Engine:
             code = "invalid_request" if isinstance(e, (InvalidRequestError, InvalidTypeError)) else _snake(e)
             param = e.param
             if param is None and "tokens long" in str(e):  # the text, counted with the model's tokenizer
-                param = "messages" if job.object == "chat.completion" else "prompt"
+                param = _text_param(job)
             return self._finish(job, "failed", {"code": code, "message": str(e), "param": param})
         except Exception as e:  # a bug or an environment failure: keep the server up, record it on the job
             log.exception("job %s failed", job.id)
@@ -398,6 +397,11 @@ class Engine:
         completion = r.generated_tokens if r is not None else len(pieces)
         job.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                      "total_tokens": prompt_tokens + completion}
+
+
+def _text_param(job: Job) -> str:
+    """The request field that holds a job's text, as the API names it."""
+    return "messages" if job.object == "chat.completion" else "prompt"
 
 
 def _snake(e: Exception) -> str:
