@@ -28,3 +28,14 @@ def converted(upstream_root, tmp_path_factory):
 def tiny_pipe():
     """An in-memory LancePipeline of the golden tiny model (real tokenizer, tiny ViT, random tiny VAE)."""
     return tiny_pipeline()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model is loaded: for checks that must happen before any weights load."""
+    from lance_mlx.pipeline import LancePipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(LancePipeline, "from_pretrained", refuse)

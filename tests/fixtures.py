@@ -65,3 +65,17 @@ def write_golden_vit_folder(dest: Path) -> Path:
     shutil.copy(GOLDEN / "vit_tiny.safetensors", dest / "vit.safetensors")
     shutil.copy(GOLDEN / "vit_config.json", dest / "config.json")
     return dest
+
+
+def tree_hash(root: Path) -> str:
+    """sha256 over every path below `root` (relative name, kind, bytes of files; symlinks not followed): equal
+    before and after a run means the run changed nothing there."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(b"L" if p.is_symlink() else b"D" if p.is_dir() else b"F")
+        if p.is_file() and not p.is_symlink():
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -1,21 +1,11 @@
 """Every command-line script rejects bad values and output paths in-process, before any model loads."""
 
-import hashlib
-
 import numpy as np
 import pytest
 
+from fixtures import tree_hash
 from lance_mlx import cmd_caption, cmd_edit, cmd_generate, media
 from lance_mlx.errors import OutputError
-from lance_mlx.pipeline import LancePipeline
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(LancePipeline, "from_pretrained", refuse)
 
 
 @pytest.fixture
@@ -28,15 +18,6 @@ def inputs(tmp_path):
     (tmp_path / "MyPhotos" / "holiday.jpg").write_bytes(b"precious")
     (tmp_path / "mine.png").write_bytes(b"a user's file")
     return tmp_path
-
-
-def tree_hash(root):
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 GEN = ["--prompt", "a red fox"]

@@ -11,7 +11,7 @@ import torch
 from mlx.utils import tree_flatten
 
 import tiny_checkpoints as tiny
-from fixtures import GOLDEN
+from fixtures import GOLDEN, tree_hash
 from lance_mlx import checkpoints, conversion, loading, quantize
 from lance_mlx import cmd_convert as convert_cli
 from lance_mlx import sequence as Q
@@ -355,17 +355,7 @@ def test_requantizing_a_quantized_folder_is_refused(image_root, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- --force ownership
-def tree_hash(root):
-    """sha256 over every path below `root` (relative name, kind, bytes of files)."""
-    import hashlib
 
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(b"L" if p.is_symlink() else b"D" if p.is_dir() else b"F")
-        if p.is_file() and not p.is_symlink():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("kind", ["foreign", "extra_file", "no_conversion_record"])

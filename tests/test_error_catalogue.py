@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures import tree_hash
 from lance_mlx import SamplingParams, cmd_caption, cmd_convert, cmd_edit, cmd_generate, media
 from lance_mlx import tasks as T
 from lance_mlx.errors import InvalidRequestError, InvalidTypeError, LanceError, WeightsError
@@ -22,18 +23,6 @@ from lance_mlx.pipeline import LancePipeline
 
 GEN = ["--prompt", "a red fox", "--steps", "1", "--dtype", "float32"]
 VIDEO = ["--frames", "5", "--width", "32", "--height", "32"]
-
-
-def tree_hash(root):
-    """Names and bytes of every file below `root` (symlinks not followed)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file() and not p.is_symlink():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture
@@ -147,13 +136,6 @@ def test_hub_failures(kind, message, work, monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------------------------- output checks
-def _no_model(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(LancePipeline, "from_pretrained", refuse)
-
-
 FIRST_CASES = [
     ("not enough free space", GEN + VIDEO + ["--out", "v.mp4"], "not enough space", {"free": 1000}),
     ("sidecar over a user's file", GEN + ["--out", "x.png", "--metadata-json", "notes.json"],
@@ -170,8 +152,7 @@ FIRST_CASES = [
 
 
 @pytest.mark.parametrize("case,argv,message,disk", FIRST_CASES, ids=[c[0] for c in FIRST_CASES])
-def test_refused_before_loading(case, argv, message, disk, work, monkeypatch, capsys):
-    _no_model(monkeypatch)
+def test_refused_before_loading(case, argv, message, disk, work, no_model, monkeypatch, capsys):
     if disk:
         usage = shutil.disk_usage(work)
         monkeypatch.setattr(media.shutil, "disk_usage", lambda p: usage._replace(free=disk["free"]))
@@ -181,8 +162,7 @@ def test_refused_before_loading(case, argv, message, disk, work, monkeypatch, ca
     assert tree_hash(work) == before
 
 
-def test_read_only_disk_refused_before_loading(work, monkeypatch, capsys):
-    _no_model(monkeypatch)
+def test_read_only_disk_refused_before_loading(work, no_model, monkeypatch, capsys):
     with small_disk(work / "ro", read_only=True) as ro:
         if ro is None:  # no mount allowed here: make the folder unwritable as os.access reports it
             (work / "ro").chmod(0o555)
