@@ -14,8 +14,10 @@ from common import (  # noqa: E402
     DTYPES,
     FULL_LAYERS,
     T_STEP,
+    add_dtype_args,
     blas_line,
     build,
+    dtype_words,
     floor_step,
     interleaved,
     layer_bytes,
@@ -79,7 +81,7 @@ def report(label: str, res, header: bool):
 def header(args, what: str):
     print(f"# Lance {what} denoising step, full-size config (hidden 2048, MLP 11008, 16/2 heads), random weights")
     print(blas_line())
-    print(f"- {args.layers} of {FULL_LAYERS} decoder layers built, weights {args.dtype}; one step = every guidance "
+    print(f"- {args.layers} of {FULL_LAYERS} decoder layers built, {dtype_words(args)}; one step = every guidance "
           f"branch at t = {T_STEP} (inside the guidance interval), text CFG 4")
     first = ("the compiled step is called once before the rounds (trace + kernel build, reported)"
              if args.first_call else "round 1 of the compiled step includes its trace and kernel build")
@@ -93,7 +95,7 @@ def header(args, what: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="256,512", help="square image sizes in pixels (comma list)")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    add_dtype_args(ap)
     ap.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers built (36 = the full model)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every mode")
     ap.add_argument("--modes", default="sequential,new,floor-seq,floor-new", help=f"comma list of {', '.join(MODES)}")
@@ -103,7 +105,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
     header(args, "text-to-image")
-    m = build(args.layers, DTYPES[args.dtype])
+    m = build(args.layers, DTYPES[args.dtype], args.compute_dtype and DTYPES[args.compute_dtype])
     print(f"- weights: {layer_bytes(m) * args.layers / 1e9:.2f} GB in the decoder layers\n")
     for i, size in enumerate(int(s) for s in args.sizes.split(",")):
         seq = Q.generation_sequence("t2i", PROMPT_IDS, (1, size // 16, size // 16))

@@ -32,7 +32,10 @@ def add_model_args(p: argparse.ArgumentParser, default_dtype: str = "bfloat16") 
                    help=f"local model folder or hub repo id (default {UPSTREAM_REPO}; only the files the task "
                         "needs are downloaded)")
     g.add_argument("--dtype", default=default_dtype, choices=sorted(DTYPES),
-                   help=f"compute dtype of the LLM and ViT (default {default_dtype})")
+                   help=f"weights' dtype of the LLM and ViT (default {default_dtype})")
+    g.add_argument("--compute-dtype", choices=sorted(DTYPES),
+                   help="dtype of the LLM's activations (default: --dtype); float32 over bfloat16 weights is faster "
+                        "on CPUs without a bf16 GEMM, slower on Apple GPUs (docs/performance.md)")
     g.add_argument("--low-memory", action="store_true",
                    help="hold only what each phase needs: ViT/VAE loaded to encode or decode, the LLM released "
                         "before the decode (same results; docs/memory.md)")
@@ -44,7 +47,8 @@ def add_model_args(p: argparse.ArgumentParser, default_dtype: str = "bfloat16") 
 
 def pipeline_options(args) -> dict:
     """The `LancePipeline.from_pretrained` keywords of the model flags."""
-    return {"dtype": args.dtype, "low_memory": args.low_memory, "und_bits": args.und_bits}
+    return {"dtype": args.dtype, "compute_dtype": args.compute_dtype, "low_memory": args.low_memory,
+            "und_bits": args.und_bits}
 
 
 def add_seed_arg(g, default: int = D.seed) -> None:
@@ -230,6 +234,8 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     frames, fps = 4 * (t - 1) + 1, getattr(request, "fps", OUTPUT_FPS)
     meta = {**metadata, "width": 16 * w, "height": 16 * h, **request.sampling.as_metadata(), "model": str(args.model),
             "dtype": args.dtype, "software": SOFTWARE}
+    if args.compute_dtype:
+        meta["compute_dtype"] = args.compute_dtype
     if request.checkpoint == "video":
         meta.update(frames=frames, fps=fps)
     with timer.phase("decode + write"):

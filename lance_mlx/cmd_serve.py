@@ -22,7 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder with the video checkpoint when --model holds only the image one (e.g. two "
                         "convert.py folders)")
     m.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
-                   help="compute dtype of the LLM and ViT (default bfloat16)")
+                   help="weights' dtype of the LLM and ViT (default bfloat16)")
+    m.add_argument("--compute-dtype", default=None, choices=sorted(DTYPES),
+                   help="dtype of the LLM's activations (default: --dtype; docs/performance.md)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network, "
@@ -58,6 +60,7 @@ def build_config(args):
     if not 0 <= args.port <= 65535:
         raise SystemExit(f"error: --port must be in [0, 65535], got {args.port}")
     return ServerConfig(model=args.model, video_model=args.video_model, output_dir=args.output_dir, dtype=args.dtype,
+                        compute_dtype=args.compute_dtype,
                         api_key=args.api_key, max_queue=args.max_queue, allow_local_files=args.allow_local_files,
                         max_body_bytes=args.max_body_mb * 2**20, max_steps=args.max_steps,
                         max_pixels=args.max_pixels, max_frames=args.max_frames, max_images=args.max_images)

@@ -236,7 +236,7 @@ def denoise(model: Lance, seq: Sequence, params: SamplingParams, frozen: Optiona
 
 # ------------------------------------------------------------------------------------------------ command line
 # Options a --prompts-file line may not change: every item of a run shares the model and the split.
-FIXED_OPTIONS = ("model", "dtype", "debug", "parallel", "prompts_file", "force")
+FIXED_OPTIONS = ("model", "dtype", "compute_dtype", "debug", "parallel", "prompts_file", "force")
 
 
 def add_parallel_args(p, text_flag: str) -> None:
@@ -330,7 +330,8 @@ def _pipeline(args, request):
     decodes = getattr(args, "batch_item", False) or world().rank() == 0 or request.task not in ("t2i", "t2v")
     options = cli.pipeline_options(args)
     options["low_memory"] = options["low_memory"] or not decodes
-    key = (str(args.model), request.task, args.dtype)  # the options depend only on args and this rank
+    # the options depend only on args and this rank
+    key = (str(args.model), request.task, args.dtype, args.compute_dtype)
     if key not in _LOADED:
         _LOADED.clear()
         pipe = LancePipeline.from_pretrained(args.model, request=request, **options)

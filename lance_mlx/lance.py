@@ -44,8 +44,9 @@ class TimestepEmbedder(nn.Module):
             emb = mx.concatenate([emb, mx.zeros_like(emb[:, :1])], axis=-1)
         return emb
 
-    def __call__(self, t: mx.array) -> mx.array:
-        x = self.timestep_embedding(t, self.frequency_embedding_size).astype(self.mlp[0].weight.dtype)
+    def __call__(self, t: mx.array, dtype: Optional[mx.Dtype] = None) -> mx.array:
+        """(N,) times -> (N, hidden), computed in `dtype` (default: the weights' dtype, as upstream)."""
+        x = self.timestep_embedding(t, self.frequency_embedding_size).astype(dtype or self.mlp[0].weight.dtype)
         for layer in self.mlp:
             x = layer(x)
         return x
@@ -174,17 +175,29 @@ class Lance(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.vae2llm.weight.dtype
+        """The dtype of the activations: `compute_dtype` when set, else the weights' dtype."""
+        return self.compute_dtype or self.vae2llm.weight.dtype
+
+    @property
+    def compute_dtype(self) -> Optional[mx.Dtype]:
+        return self.language_model.model.compute_dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: Optional[mx.Dtype]) -> None:
+        """Run the LLM's activations in `dtype` whatever the weights' dtype (None: the weights' dtype). float32
+        over bfloat16 weights upcasts each weight per matmul: on CPUs without a fast bf16 GEMM that is faster than
+        bf16 compute, and closer to float32 numerics; on Apple GPUs bf16 compute is faster (docs/performance.md)."""
+        self.language_model.model.compute_dtype = dtype
 
     # --------------------------------------------------------------------------------------------- embeddings
     def embed_tokens(self, ids) -> mx.array:
         """(L,) ids -> (L, hidden)."""
-        return self.language_model.model.embed_tokens(mx.array(np.asarray(ids, dtype=np.int32)))
+        return self.language_model.model.embed_tokens(mx.array(np.asarray(ids, dtype=np.int32))).astype(self.dtype)
 
     def time_embed(self, t: Union[float, mx.array]) -> mx.array:
         """(1, hidden) for a scalar t, (n, hidden) for per-token times."""
         ta = mx.array(t, dtype=mx.float32).reshape(-1)
-        return self.time_embedder(ta)
+        return self.time_embedder(ta, self.dtype)
 
     def embed_latents(self, x: mx.array, t: Union[float, mx.array], shape: Tuple[int, int, int],
                       pos_rows: Optional[mx.array] = None) -> mx.array:

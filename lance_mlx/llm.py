@@ -304,6 +304,9 @@ class Qwen2Model(nn.Module):
         # Not a parameter (plain numpy attribute); set `rope_bf16_inv_freq = True` to round the frequencies like
         # upstream's bf16-cast buffer.
         self.rope_bf16_inv_freq = False
+        # Not a parameter: the dtype the hidden states are cast to on entry (None: the embeddings' dtype, i.e. the
+        # weights'); float32 over bfloat16 weights promotes every matmul to float32 (Lance.compute_dtype).
+        self.compute_dtype: Optional[mx.Dtype] = None
 
     def rope(self, position_ids) -> Rope:
         """cos/sin for (3, L) positions (float32, shared by all layers)."""
@@ -321,6 +324,8 @@ class Qwen2Model(nn.Module):
         """
         if rope is None:
             rope = self.rope(position_ids)
+        if self.compute_dtype is not None:
+            h = h.astype(self.compute_dtype)
         routing = routing or Routing.und()
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, routing, None if cache is None else cache[i], attn, update_cache)

@@ -52,6 +52,11 @@ class GenerationPlan:
         return self.sequence.splits[self.sequence.noise_index].grid
 
 
+def _computing_in(model: Lance, compute_dtype: Optional[mx.Dtype]) -> Lance:
+    model.compute_dtype = compute_dtype
+    return model
+
+
 class LancePipeline:
     """The components of one checkpoint and one call per task.
 
@@ -93,7 +98,7 @@ class LancePipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo: Union[str, Path] = checkpoints.UPSTREAM_REPO, task: Optional[str] = None,
-                        *, dtype="bfloat16", vae_dtype=None, lazy: bool = False, rope_bf16: Optional[bool] = None,
+                        *, dtype="bfloat16", vae_dtype=None, compute_dtype=None, rope_bf16: Optional[bool] = None,
                         request: Optional[Request] = None, low_memory: bool = False,
                         und_bits: Optional[int] = None) -> "LancePipeline":
         """Load a model folder or hub repo id with the components `task` needs (t2i, t2v, i2v, image_edit,
@@ -101,20 +106,27 @@ class LancePipeline:
 
         Before any weights load, the folder is checked to hold the checkpoint the task needs (image weights for a
         video task are refused, naming the video checkpoint) and, with `request`, its text is checked against the
-        tokenizer's limit. `dtype` is the compute dtype of the LLM and ViT; the VAE uses `vae_dtype` (default the
-        same); `rope_bf16` rounds RoPE frequencies like upstream's bf16 buffer (default: when dtype is bf16).
+        tokenizer's limit. `dtype` is the weights' dtype of the LLM and ViT; the VAE uses `vae_dtype` (default the
+        same); the LLM computes in `compute_dtype` (default: `dtype`; "float32" over bfloat16 weights is faster on
+        CPUs without a bf16 GEMM, `Lance.compute_dtype`); `rope_bf16` rounds RoPE frequencies like upstream's bf16
+        buffer (default: when dtype is bf16).
         `low_memory` loads the LLM now and the ViT / VAE only for the phases that use them (see the class);
         `und_bits` (4 or 8) quantizes the understanding expert after loading, which changes results a little
         (docs/memory.md); the generation expert stays in `dtype`.
         """
         task = task or (request.task if request is not None else "t2i")
+        compute = None if compute_dtype is None else loading.parse_dtype(compute_dtype)  # before any download
         files = checkpoints.resolve(path_or_repo, task)
         check_checkpoint(files.checkpoint, task, str(path_or_repo))
         if request is not None:
             count_text_tokens(loading.load_tokenizer(files.tokenizer_dir), request)
-        c = loading.load_components(files, task, dtype=dtype, vae_dtype=vae_dtype, lazy=lazy, rope_bf16=rope_bf16,
+        c = loading.load_components(files, task, dtype=dtype, vae_dtype=vae_dtype, rope_bf16=rope_bf16,
                                     low_memory=low_memory, und_bits=und_bits)
+        c.model.compute_dtype = compute
         loaders = loading.component_loaders(files, task, dtype, vae_dtype, rope_bf16, und_bits) if low_memory else None
+        if loaders:
+            load_model = loaders["model"]
+            loaders["model"] = lambda: _computing_in(load_model(), compute)
         return cls(c.model, c.tokenizer, c.vit, c.vae, checkpoint=files.checkpoint, low_memory=low_memory,
                    loaders=loaders)
 

@@ -131,7 +131,8 @@ def default_loader(config: ServerConfig) -> Callable[[str], Any]:
     def load(kind: str):
         from ..pipeline import LancePipeline
 
-        return LancePipeline.from_pretrained(config.model_for(kind), task=FULL_TASK[kind], dtype=config.dtype)
+        return LancePipeline.from_pretrained(config.model_for(kind), task=FULL_TASK[kind], dtype=config.dtype,
+                                             compute_dtype=config.compute_dtype)
 
     return load
 

@@ -27,6 +27,7 @@ class ServerConfig:
     video_model: Optional[str] = None
     output_dir: Path = Path("lance-outputs")
     dtype: str = "bfloat16"
+    compute_dtype: Optional[str] = None  # the LLM's activations (None: dtype)
     api_key: Optional[str] = None
     max_queue: int = MAX_QUEUE
     allow_local_files: bool = False
