@@ -60,6 +60,11 @@ def first_call_seconds(cases) -> float:
     return time.perf_counter() - t0
 
 
+def _s(seconds: float) -> str:
+    """Three significant digits: minutes-long CPU steps and millisecond GPU steps in one format."""
+    return f"{seconds:.1f}" if seconds >= 100 else f"{seconds:.3g}"
+
+
 def report(label: str, res, header: bool):
     """One table row per mode; ratios of CPU medians and of fastest walls."""
     s = {md: summary(v) for md, v in res.items()}
@@ -74,8 +79,8 @@ def report(label: str, res, header: bool):
             if ref and not md.startswith("floor") else "-"
         vs_floor = f"{r['cpu_med'] / floor['cpu_med']:.2f} / {r['wall_min'] / floor['wall_min']:.2f}" \
             if floor and not md.startswith("floor") else "-"
-        print(f"| {label} | {md} | {r['wall_min']:.1f} | {r['wall_med']:.1f} | {r['cpu_min']:.1f} | "
-              f"{r['cpu_med']:.1f} | {vs_seq} | {vs_floor} |", flush=True)
+        print(f"| {label} | {md} | {_s(r['wall_min'])} | {_s(r['wall_med'])} | {_s(r['cpu_min'])} | "
+              f"{_s(r['cpu_med'])} | {vs_seq} | {vs_floor} |", flush=True)
 
 
 def header(args, what: str):
@@ -116,7 +121,7 @@ def main(argv=None):
                 f"{ctx.uncond.branch.context_len})"
         report(label, res, i == 0)
         if first is not None:
-            print(f"|  | (first compiled call: {first:.1f} s wall) |  |  |  |  |  |  |", flush=True)
+            print(f"|  | (first compiled call: {_s(first)} s wall) |  |  |  |  |  |  |", flush=True)
         del ctx, cases
         mx.clear_cache()
     print(f"\n- machine at end: {load_line()}; peak memory {mx.get_peak_memory() / 1e9:.2f} GB")

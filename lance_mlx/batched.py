@@ -1,4 +1,4 @@
-"""Guidance branches in one forward: their context caches padded into one stack, the noise block run as a batch."""
+"""Guidance branches in one forward: the noise block run as a batch, each row attending to its own branch's cache."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import mlx.core as mx
-import numpy as np
 
-from .llm import KVCache, Routing
+from .llm import KVCache, Routing, RowCaches
 
 Frozen = Dict[str, object]  # the arrays a step reads but never changes (see BranchBatch.frozen)
 
@@ -19,74 +18,44 @@ class BranchBatch:
     """The guidance branches of one request as rows of one batch, in the order cond, text-dropped, text-and-vision
     dropped (lance.GenerationContext).
 
-    Branch contexts differ in length (the text-dropped one lacks the prompt), so layer i's cached keys/values are
-    stacked as (B, kv_heads, C, head_dim) with C the longest context; row b holds its own `lengths[b]` positions
-    followed by zeros, which a boolean mask hides from attention. A noise token's softmax then covers exactly its
-    own branch's keys: the padded slots get probability 0, the same result as a batch-1 forward up to float
-    summation order. `cos`/`sin` (B, N+2, head_dim) are each row's noise-block RoPE (the noise positions of the
-    text-dropped branch are those of its shortened sequence, sequence.Sequence.branch).
+    Branch contexts differ in length (the text-dropped one lacks the prompt). Each row keeps its own cache,
+    unpadded: in every layer the projections and MLPs run on the whole batch, and attention runs row by row over
+    that row's context followed by the noise block (llm.RowCaches), so a noise token's softmax covers exactly its
+    own branch's keys with no mask. `cos`/`sin` (B, N+2, head_dim) are each row's noise-block RoPE (the noise
+    positions of the text-dropped branch are those of its shortened sequence, sequence.Sequence.branch).
     """
 
-    states: Tuple[object, ...]  # lance.BranchState of each row, for the identity check in `matches`
-    lengths: List[int]
-    keys: List[mx.array]
-    values: List[mx.array]
+    states: Tuple[object, ...]  # lance.BranchState of each row
     cos: mx.array
     sin: mx.array
     _frozen: Dict[int, Frozen] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def of(cls, states: Sequence[object]) -> "BranchBatch":
+        """The rows of `states` (lance.BranchState, prefilled, batch 1 each); their caches are read, never copied."""
+        if min(s.cache[0].offset for s in states) < 1:
+            raise ValueError("every guidance branch needs a prefilled context to be batched")
+        cos = mx.stack([s.rope[0] for s in states])  # (B, N+2, head_dim)
+        sin = mx.stack([s.rope[1] for s in states])
+        mx.eval(cos, sin)
+        return cls(tuple(states), cos, sin)
+
+    @property
+    def lengths(self) -> List[int]:
+        return [s.cache[0].offset for s in self.states]
+
     def matches(self, states: Sequence[object]) -> bool:
         return len(states) == len(self.states) and all(a is b for a, b in zip(states, self.states))
 
-    def frozen(self, rows: int, block_len: int) -> Frozen:
-        """What a step of the first `rows` branches reads: keys/values cut to the longest of those rows, their
-        RoPE tables, and the padding mask (B, 1, 1, C + block_len), True = may attend; no mask when no row is
-        padded (e.g. the conditional branch alone)."""
+    def frozen(self, rows: int) -> Frozen:
+        """What a step of the first `rows` branches reads: per layer, each row's cached keys and values, and the
+        rows' RoPE tables."""
         if rows not in self._frozen:
-            lens = self.lengths[:rows]
-            c = max(lens)
-            out: Frozen = {"keys": [k[:rows, :, :c] for k in self.keys],
-                           "values": [v[:rows, :, :c] for v in self.values],
-                           "cos": self.cos[:rows], "sin": self.sin[:rows]}
-            if min(lens) < c:
-                j = np.arange(c + block_len)[None, :]
-                keep = (j < np.asarray(lens)[:, None]) | (j >= c)  # own context, then the whole noise block
-                out["mask"] = mx.array(keep[:, None, None, :])
-            self._frozen[rows] = out
+            caches = [s.cache for s in self.states[:rows]]
+            self._frozen[rows] = {"keys": [[c[i].state[0] for c in caches] for i in range(len(caches[0]))],
+                                  "values": [[c[i].state[1] for c in caches] for i in range(len(caches[0]))],
+                                  "cos": self.cos[:rows], "sin": self.sin[:rows]}
         return self._frozen[rows]
-
-
-def _padded(a: mx.array, length: int) -> mx.array:
-    return a if a.shape[2] == length else mx.pad(a, [(0, 0), (0, 0), (0, length - a.shape[2]), (0, 0)])
-
-
-def stack_branches(states: Sequence[object]) -> BranchBatch:
-    """Stack the prefilled caches and noise RoPE of `states` (lance.BranchState, batch 1 each) into a BranchBatch.
-
-    Afterwards each branch's own KVCache reads its row of the stack (a view, no copy), so the single-branch path
-    (lance.Lance.noise_query) keeps working and the context is held in memory once. Stacked one layer at a time so
-    the extra memory while stacking is one layer's worth.
-    """
-    lengths = [s.cache[0].offset for s in states]
-    if min(lengths) < 1:
-        raise ValueError("every guidance branch needs a prefilled context to be batched")
-    c = max(lengths)
-    keys, values = [], []
-    for layer in range(len(states[0].cache)):
-        caches = [s.cache[layer] for s in states]
-        k = mx.concatenate([_padded(kv.state[0], c) for kv in caches], axis=0)  # (B, kv_heads, C, head_dim)
-        v = mx.concatenate([_padded(kv.state[1], c) for kv in caches], axis=0)
-        mx.eval(k, v)
-        for b, kv in enumerate(caches):
-            kv.keys, kv.values = k[b:b + 1, :, :lengths[b]], v[b:b + 1, :, :lengths[b]]
-            kv.offset = lengths[b]
-            mx.eval(kv.keys, kv.values)
-        keys.append(k)
-        values.append(v)
-    cos = mx.stack([s.rope[0] for s in states])  # (B, N+2, head_dim)
-    sin = mx.stack([s.rope[1] for s in states])
-    mx.eval(cos, sin)
-    return BranchBatch(tuple(states), lengths, keys, values, cos, sin)
 
 
 def _frozen_cache(keys: mx.array, values: mx.array) -> KVCache:
@@ -107,9 +76,10 @@ def noise_block_velocities(model, routing: Routing, x: mx.array, t: mx.array, fr
     h = mx.concatenate([markers[:1], body, markers[1:]], axis=0)[None]  # (1, N+2, hidden)
     rows = frozen["cos"].shape[0]
     h = mx.broadcast_to(h, (rows,) + h.shape[1:])  # (B, N+2, hidden)
-    cache = [_frozen_cache(k, v) for k, v in zip(frozen["keys"], frozen["values"])]
+    cache = [RowCaches([_frozen_cache(k, v) for k, v in zip(ks, vs)])
+             for ks, vs in zip(frozen["keys"], frozen["values"])]
     out = model.language_model.model(h, rope=(frozen["cos"], frozen["sin"]), routing=routing, cache=cache,
-                                     attn=frozen.get("mask", "full"), update_cache=False)
+                                     attn="full", update_cache=False)
     return model.llm2vae(out[:, 1:-1]).astype(mx.float32)  # (B, N, 48)
 
 
@@ -123,16 +93,15 @@ class BatchedNoiseStep:
     """
 
     def __init__(self, model, routing: Routing, states: Sequence[object], markers: mx.array, pos_rows: mx.array):
-        self.batch = stack_branches(states)
+        self.batch = BranchBatch.of(states)
         self.extra = {"markers": markers, "pos_rows": pos_rows}
-        self.block_len = int(pos_rows.shape[0]) + 2
         self._forward: Callable = partial(noise_block_velocities, model, routing)
         self._state = model.state
         self._compiled: Dict[int, Callable] = {}
 
     def __call__(self, x: mx.array, t, rows: int, compiled: bool = True) -> mx.array:
         """(rows, N, 48) velocities of the first `rows` branches."""
-        frozen = dict(self.batch.frozen(rows, self.block_len), **self.extra)
+        frozen = dict(self.batch.frozen(rows), **self.extra)
         t = t if isinstance(t, mx.array) else mx.array(t, dtype=mx.float32)  # an array: no retrace per step
         if not compiled:
             return self._forward(x, t, frozen)

@@ -68,6 +68,25 @@ class KVCache:
         return c
 
 
+class RowCaches:
+    """One layer's read-only caches of a batch whose rows have contexts of different lengths (the guidance branches
+    of one request, lance_mlx/batched.py). Each row attends to its own cache followed by its own block, unpadded,
+    so no mask is needed and attention stays the fused kernel; the projections around it still run batched."""
+
+    def __init__(self, rows: Sequence[KVCache]):
+        self.rows = list(rows)
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, attn, update_cache: bool) -> mx.array:
+        """q (B, H, L, D), k/v (B, Hkv, L, D) after RoPE -> (B, L, H*D), bidirectional over cache + block."""
+        if update_cache or attn != "full":
+            raise ValueError("RowCaches serve the read-only, bidirectional noise query only")
+        B, _, L, _ = q.shape
+        o = mx.concatenate([mx.fast.scaled_dot_product_attention(q[b:b + 1], *c.fetch_with(k[b:b + 1], v[b:b + 1]),
+                                                                 scale=scale)
+                            for b, c in enumerate(self.rows)], axis=0)
+        return o.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
 def make_cache(num_layers: int) -> List[KVCache]:
     return [KVCache() for _ in range(num_layers)]
 
@@ -235,18 +254,21 @@ class PackedAttentionMoT(nn.Module):
             q, k = self[f"q_norm{sfx}"](q), self[f"k_norm{sfx}"](k)
         return q, k, v
 
-    def attend(self, q, k, v, rope: Rope, cache: Optional[KVCache], attn, update_cache: bool) -> mx.array:
+    def attend(self, q, k, v, rope: Rope, cache: Union[KVCache, "RowCaches", None], attn,
+               update_cache: bool) -> mx.array:
         """RoPE + scaled dot-product attention; returns (B, L, heads * head_dim) before o_proj.
 
         attn: "causal" (over cache + block, lower-right aligned), "full" (bidirectional over cache + block) or a
-        boolean mask array broadcastable to (B, heads, L, T) (True = may attend): (L, T) for one sequence,
-        (B, 1, 1, T) for rows whose caches are padded to one length.
+        boolean mask array broadcastable to (B, heads, L, T) (True = may attend). A `RowCaches` cache gives each
+        row of the batch its own context.
         """
         B, L = q.shape[:2]
         cos, sin = rope
         q = apply_rope(q, cos, sin).transpose(0, 2, 1, 3)  # (B, H, L, D)
         k = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)  # (B, Hkv, L, D)
         v = v.transpose(0, 2, 1, 3)
+        if isinstance(cache, RowCaches):
+            return cache.attend(q, k, v, self.scale, attn, update_cache)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v) if update_cache else cache.fetch_with(k, v)
         if isinstance(attn, str):
@@ -283,7 +305,7 @@ class Qwen2MoTDecoderLayer(nn.Module):
     def _mlp_gen(self, x):
         return self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(x))
 
-    def __call__(self, x: mx.array, rope: Rope, routing: Routing, cache: Optional[KVCache] = None,
+    def __call__(self, x: mx.array, rope: Rope, routing: Routing, cache: Union[KVCache, "RowCaches", None] = None,
                  attn="causal", update_cache: bool = True) -> mx.array:
         q, k, v = routing(x, self._qkv_und, self._qkv_gen)
         o = self.self_attn.attend(q, k, v, rope, cache, attn, update_cache)
