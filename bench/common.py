@@ -51,6 +51,13 @@ def dtype_words(args) -> str:
 
 
 def blas_line() -> str:
+    if mx.default_device() == mx.gpu:
+        info = mx.device_info() if hasattr(mx, "device_info") else {}
+        arch = str(info.get("architecture", ""))
+        tf32 = (f"; float32 GEMMs in TF32 unless MLX_ENABLE_TF32=0 (here {os.environ.get('MLX_ENABLE_TF32', 'unset')})"
+                if arch.startswith("sm_") else "")
+        return (f"- machine: {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__}, "
+                f"{info.get('device_name', 'GPU')} {arch}: every op on the GPU{tf32}")
     preload = os.environ.get("LD_PRELOAD", "")
     blas = f"OpenBLAS via LD_PRELOAD={preload}" if "openblas" in preload else "MLX's bundled reference BLAS"
     return (f"- machine: {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__}, {mx.default_device()}; "
