@@ -62,7 +62,7 @@ def first_call_seconds(cases) -> float:
 
 def _s(seconds: float) -> str:
     """Three significant digits: minutes-long CPU steps and millisecond GPU steps in one format."""
-    return f"{seconds:.1f}" if seconds >= 100 else f"{seconds:.3g}"
+    return f"{seconds:.1f}" if seconds >= 10 else f"{seconds:.3g}"
 
 
 def report(label: str, res, header: bool):
