@@ -320,6 +320,11 @@ def run_prompts(args, run_one, text_field: str) -> int:
 _LOADED: Dict[Tuple, object] = {}  # the pipeline of the last item, reused by the next items of a prompts file
 
 
+def load_key(model, task: str, dtype: str, compute_dtype: Optional[str] = None) -> tuple:
+    """The key of a loaded pipeline in `_LOADED`: what the loading options depend on besides this rank."""
+    return str(model), task, dtype, compute_dtype
+
+
 def _pipeline(args, request):
     """The pipeline of this rank: a rank that never decodes (not rank 0 of a shared t2i / t2v output) loads with
     `low_memory`, which loads the VAE only for a decode, i.e. never; and no rank keeps the vocabulary head
@@ -330,8 +335,7 @@ def _pipeline(args, request):
     decodes = getattr(args, "batch_item", False) or world().rank() == 0 or request.task not in ("t2i", "t2v")
     options = cli.pipeline_options(args)
     options["low_memory"] = options["low_memory"] or not decodes
-    # the options depend only on args and this rank
-    key = (str(args.model), request.task, args.dtype, args.compute_dtype)
+    key = load_key(args.model, request.task, args.dtype, args.compute_dtype)  # the options depend only on these
     if key not in _LOADED:
         _LOADED.clear()
         pipe = LancePipeline.from_pretrained(args.model, request=request, **options)

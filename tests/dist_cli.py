@@ -15,5 +15,5 @@ from lance_mlx import cmd_generate  # noqa: E402
 from lance_mlx import distributed as D  # noqa: E402
 
 if __name__ == "__main__":
-    D._LOADED[("tiny", sys.argv[1], "float32")] = tiny_pipe()
+    D._LOADED[D.load_key("tiny", sys.argv[1], "float32")] = tiny_pipe()
     sys.exit(cmd_generate.main(["--model", "tiny", "--dtype", "float32", *sys.argv[2:]]))

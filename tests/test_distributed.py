@@ -212,7 +212,7 @@ def test_edit_prompts_file_in_one_process(pipe, tmp_path):
     --seed + i and written to OUT-00i."""
     from lance_mlx import cmd_edit
 
-    D._LOADED[("tiny", "image_edit", "float32")] = pipe
+    D._LOADED[D.load_key("tiny", "image_edit", "float32")] = pipe
     (tmp_path / "p.txt").write_text("make it pink\nmake it snow\n")
     Image.fromarray(SOURCE).save(tmp_path / "in.png")
     try:
@@ -249,7 +249,8 @@ def test_each_rank_loads_what_it_uses(rank, decodes, converted, monkeypatch):
             return 2
 
     monkeypatch.setattr(D, "world", lambda: Rank())
-    args = argparse.Namespace(model=str(converted["image"]), dtype="float32", low_memory=False, und_bits=None)
+    args = argparse.Namespace(model=str(converted["image"]), dtype="float32", compute_dtype=None, low_memory=False,
+                              und_bits=None)
     request = TextToImage("a red fox", 32, 32, SamplingParams(steps=2))
     D._LOADED.clear()
     try:
