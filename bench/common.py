@@ -8,27 +8,27 @@ import statistics
 import sys
 import time
 from dataclasses import replace
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from lance_mlx.lance import Lance, LanceConfig
+from lance_mlx.loading import parse_dtype
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 FULL_LAYERS = LanceConfig().llm.num_hidden_layers
 T_STEP = 0.8  # a step time inside upstream's guidance interval (0.4, 1.0]: every guidance branch runs
 
 
-def build(layers: int, dtype, compute_dtype=None) -> Lance:
+def build(layers: int, dtype: str, compute_dtype: Optional[str] = None) -> Lance:
     """Random full-size Lance with `layers` decoder layers in `dtype`, computing in `compute_dtype` (None: `dtype`),
     parameters evaluated one at a time (so a float32 initialisation of the whole model never exists at once)."""
     cfg = LanceConfig()
     cfg = replace(cfg, llm=replace(cfg.llm, num_hidden_layers=layers))
     mx.random.seed(0)
     m = Lance(cfg)
-    m.set_dtype(dtype)
-    m.compute_dtype = compute_dtype
+    m.set_dtype(parse_dtype(dtype))
+    m.compute_dtype = None if compute_dtype is None else parse_dtype(compute_dtype)
     for _, p in tree_flatten(m.parameters()):
         mx.eval(p)
     return m
@@ -36,13 +36,6 @@ def build(layers: int, dtype, compute_dtype=None) -> Lance:
 
 def layer_bytes(m: Lance) -> int:
     return sum(v.nbytes for _, v in tree_flatten(m.language_model.model.layers[0].parameters()))
-
-
-def add_dtype_args(ap) -> None:
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weights' dtype")
-    ap.add_argument("--compute-dtype", default=None, choices=sorted(DTYPES),
-                    help="activations' dtype (default: --dtype); float32 over bfloat16 weights upcasts each weight "
-                         "per matmul and runs the float32 GEMM")
 
 
 def dtype_words(args) -> str:

@@ -11,12 +11,13 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DTYPES, FULL_LAYERS, add_dtype_args, build, interleaved, layer_bytes, load_line  # noqa: E402
+from common import FULL_LAYERS, build, interleaved, layer_bytes, load_line  # noqa: E402
 from t2i import PROMPT_IDS, header, report, step_cases  # noqa: E402
 
 from lance_mlx import conditioning as C  # noqa: E402
 from lance_mlx import sequence as Q  # noqa: E402
 from lance_mlx import tasks as T  # noqa: E402
+from lance_mlx.cli import add_dtype_args  # noqa: E402
 from lance_mlx.processing import PRESETS  # noqa: E402
 
 INSTRUCTION_IDS = [8078, 279, 8251, 9850, 264, 2518, 67271]  # any 7 ids behave the same
@@ -39,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--image-cfg-sizes", default="256",
                     help="sizes also run with image guidance (3 branches, image scale 1.5; '' for none)")
     ap.add_argument("--t2v", default="", help="also a text-to-video case SIZExFRAMES, e.g. 256x17")
-    add_dtype_args(ap)
+    add_dtype_args(ap, "bfloat16")
     ap.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers built (36 = the full model)")
     ap.add_argument("--rounds", "--steps", type=int, default=2, help="interleaved rounds of every mode")
     ap.add_argument("--modes", default="sequential,new,floor-seq,floor-new",
@@ -50,7 +51,7 @@ def main(argv=None):
     print("- edit N²: source and target N×N (VAE latents (N/16)²), ViT block of the paired preset (224² / 448² ⇒ "
           "64 / 256 tokens), 7-token instruction; text CFG 4 (conditional + instruction dropped), '+ image CFG' adds "
           "the text-and-vision-dropped branch at image scale 1.5; t2v: 11-token prompt")
-    m = build(args.layers, DTYPES[args.dtype], args.compute_dtype and DTYPES[args.compute_dtype])
+    m = build(args.layers, args.dtype, args.compute_dtype)
     print(f"- weights: {layer_bytes(m) * args.layers / 1e9:.2f} GB in the decoder layers\n")
     rng = np.random.default_rng(0)
     cases = []

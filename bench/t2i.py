@@ -11,10 +11,8 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DTYPES,
     FULL_LAYERS,
     T_STEP,
-    add_dtype_args,
     blas_line,
     build,
     dtype_words,
@@ -27,6 +25,7 @@ from common import (  # noqa: E402
 
 from lance_mlx import sampler as S  # noqa: E402
 from lance_mlx import sequence as Q  # noqa: E402
+from lance_mlx.cli import add_dtype_args  # noqa: E402
 
 # "A cat holds a poster with rainbow text "STOP"" in the Qwen2.5 vocabulary
 PROMPT_IDS = [32, 8251, 9982, 264, 22361, 448, 47613, 1467, 330, 50669, 1]
@@ -100,7 +99,7 @@ def header(args, what: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="256,512", help="square image sizes in pixels (comma list)")
-    add_dtype_args(ap)
+    add_dtype_args(ap, "bfloat16")
     ap.add_argument("--layers", type=int, default=FULL_LAYERS, help="decoder layers built (36 = the full model)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every mode")
     ap.add_argument("--modes", default="sequential,new,floor-seq,floor-new", help=f"comma list of {', '.join(MODES)}")
@@ -110,7 +109,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
     header(args, "text-to-image")
-    m = build(args.layers, DTYPES[args.dtype], args.compute_dtype and DTYPES[args.compute_dtype])
+    m = build(args.layers, args.dtype, args.compute_dtype)
     print(f"- weights: {layer_bytes(m) * args.layers / 1e9:.2f} GB in the decoder layers\n")
     for i, size in enumerate(int(s) for s in args.sizes.split(",")):
         seq = Q.generation_sequence("t2i", PROMPT_IDS, (1, size // 16, size // 16))

@@ -18,10 +18,10 @@ from mlx.utils import tree_flatten
 from lance_mlx import understanding as U  # noqa: E402
 from lance_mlx.config import LanceConfig, ViTConfig  # noqa: E402
 from lance_mlx.lance import Lance  # noqa: E402
+from lance_mlx.loading import DTYPES  # noqa: E402
 from lance_mlx.processing import patchify  # noqa: E402
 from lance_mlx.vit import VisionTransformer  # noqa: E402
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 TOKENIZER = Path(__file__).resolve().parent.parent / "tests" / "golden" / "tokenizer"  # the real Qwen2.5 vocab
 FULL_LLM_LAYERS, FULL_VIT_BLOCKS = 36, 32
 

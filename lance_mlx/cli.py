@@ -26,16 +26,21 @@ from .processing import ASPECT_RATIOS, bucket_table
 D = DEFAULT_SAMPLING
 
 
-def add_model_args(p: argparse.ArgumentParser, default_dtype: str = "bfloat16") -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=UPSTREAM_REPO,
-                   help=f"local model folder or hub repo id (default {UPSTREAM_REPO}; only the files the task "
-                        "needs are downloaded)")
+def add_dtype_args(g, default_dtype: str = "bfloat16") -> None:
+    """--dtype (the weights') and --compute-dtype (the LLM's activations) on a parser or argument group."""
     g.add_argument("--dtype", default=default_dtype, choices=sorted(DTYPES),
                    help=f"weights' dtype of the LLM and ViT (default {default_dtype})")
     g.add_argument("--compute-dtype", choices=sorted(DTYPES),
                    help="dtype of the LLM's activations (default: --dtype); float32 over bfloat16 weights is faster "
                         "on CPUs without a bf16 GEMM, slower on Apple GPUs (docs/performance.md)")
+
+
+def add_model_args(p: argparse.ArgumentParser, default_dtype: str = "bfloat16") -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=UPSTREAM_REPO,
+                   help=f"local model folder or hub repo id (default {UPSTREAM_REPO}; only the files the task "
+                        "needs are downloaded)")
+    add_dtype_args(g, default_dtype)
     g.add_argument("--low-memory", action="store_true",
                    help="hold only what each phase needs: ViT/VAE loaded to encode or decode, the LLM released "
                         "before the decode (same results; docs/memory.md)")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .checkpoints import UPSTREAM_REPO
-from .loading import DTYPES
+from .cli import add_dtype_args
 from .server.settings import MAX_BODY_MB, MAX_IMAGES, MAX_PIXELS, MAX_QUEUE, MAX_STEPS
 from .tasks import MAX_FRAMES
 
@@ -21,10 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--video-model", default=None,
                    help="folder with the video checkpoint when --model holds only the image one (e.g. two "
                         "convert.py folders)")
-    m.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
-                   help="weights' dtype of the LLM and ViT (default bfloat16)")
-    m.add_argument("--compute-dtype", default=None, choices=sorted(DTYPES),
-                   help="dtype of the LLM's activations (default: --dtype; docs/performance.md)")
+    add_dtype_args(m)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network, "
