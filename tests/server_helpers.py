@@ -39,6 +39,13 @@ def make_client(upstream_root, out, **overrides):
     return TestClient(create_app(cfg, cached_loader(cfg))), cfg
 
 
+def running_client(upstream_root, out, **overrides):
+    """`make_client`, entered (its worker started) for the life of a fixture: `yield from` it."""
+    client, cfg = make_client(upstream_root, out, **overrides)
+    with client:
+        yield client, cfg
+
+
 def error_of(r, status=400):
     """The OpenAI-style error body of a response with `status`."""
     assert r.status_code == status, r.text

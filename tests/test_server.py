@@ -15,9 +15,7 @@ PROMPT = "a red kite over green hills"
 
 @pytest.fixture(scope="module")
 def served(upstream_root, tmp_path_factory):
-    client, cfg = make_client(upstream_root, tmp_path_factory.mktemp("served"), max_steps=1000, max_queue=4)
-    with client:
-        yield client, cfg
+    yield from H.running_client(upstream_root, tmp_path_factory.mktemp("served"), max_steps=1000, max_queue=4)
 
 
 # ------------------------------------------------------------------------------------------------------ basics

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import server_helpers as H
-from server_helpers import make_client
+from server_helpers import running_client
 
 ROUTES = {
     "/v1/images/generations": {"prompt": "a cat", "size": "32x32", "steps": 1, "n": 1, "seed": 1,
@@ -83,9 +83,8 @@ def cases():
 @pytest.fixture(scope="module")
 def client(upstream_root, tmp_path_factory):
     # Tight limits: any generated body that happens to be valid stays a few-millisecond job.
-    c, _ = make_client(upstream_root, tmp_path_factory.mktemp("fuzz"), max_pixels=64 * 64, max_steps=2,
-                       max_frames=9, max_images=2, max_body_bytes=2**20)
-    with c:
+    for c, _ in running_client(upstream_root, tmp_path_factory.mktemp("fuzz"), max_pixels=64 * 64, max_steps=2,
+                               max_frames=9, max_images=2, max_body_bytes=2**20):
         yield c
 
 

@@ -13,9 +13,7 @@ LONG = {"prompt": "a slow pan over a harbour", "size": "32x32", "steps": 1000}  
 
 @pytest.fixture(scope="module")
 def served(upstream_root, tmp_path_factory):
-    client, cfg = make_client(upstream_root, tmp_path_factory.mktemp("jobs"), max_steps=1000, max_queue=2)
-    with client:
-        yield client, cfg
+    yield from H.running_client(upstream_root, tmp_path_factory.mktemp("jobs"), max_steps=1000, max_queue=2)
 
 
 def test_text_to_video_job(served):
