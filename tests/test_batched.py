@@ -51,7 +51,7 @@ def untemplated_sequence(shape=(1, 4, 6)):
     """Upstream's layout without the chat template (text_template false; validation_dataset.py::t2v_sample):
     [<bos> prompt <eos>] (all modality 0, causal) then the noise block. The text-dropped branch keeps no context
     at all: its noise block attends to itself only."""
-    bos, eos = 151643, 151645  # <|endoftext|>, <|im_end|>
+    bos, eos = Q.IM_START, Q.IM_END  # upstream's new_token_ids bos / eos (data/data_utils.py)
     return Q.Sequence([Q.text_split([bos, *PROMPT, eos], Q.MODALITY_TEXT), Q.latent_split(shape, "target")])
 
 
