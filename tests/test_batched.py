@@ -178,3 +178,19 @@ def test_row_caches_serve_only_the_bidirectional_read():
     for attn, update in (("causal", False), ("full", True)):
         with pytest.raises(ValueError, match="read-only"):
             rows.attend(q, q[:, :1], q[:, :1], 0.5, attn, update)
+
+
+def test_row_caches_empty_row_attends_to_its_block_only():
+    from lance_mlx.llm import KVCache, RowCaches
+
+    k0 = mx.random.normal((1, 1, 3, 4), key=mx.random.key(1))
+    full = KVCache()
+    full.update_and_fetch(k0, k0)
+    q = mx.random.normal((2, 2, 5, 4), key=mx.random.key(2))
+    k = mx.random.normal((2, 1, 5, 4), key=mx.random.key(3))
+    out = RowCaches([full, KVCache()]).attend(q, k, k, 0.5, "full", False)  # (2, 5, 8)
+    alone = mx.fast.scaled_dot_product_attention(q[1:], k[1:], k[1:], scale=0.5)  # (1, 2, 5, 4)
+    np.testing.assert_array_equal(np.array(out[1]), np.array(alone[0].transpose(1, 0, 2).reshape(5, 8)))
+    with_ctx = mx.fast.scaled_dot_product_attention(q[:1], mx.concatenate([k0, k[:1]], axis=2),
+                                                    mx.concatenate([k0, k[:1]], axis=2), scale=0.5)
+    np.testing.assert_array_equal(np.array(out[0]), np.array(with_ctx[0].transpose(1, 0, 2).reshape(5, 8)))
