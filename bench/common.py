@@ -103,7 +103,7 @@ def cpu_blas() -> Tuple[str, Optional[str]]:
     """(what runs MLX's float32 CPU GEMMs, a warning or None): the loaded library, and for OpenBLAS its core."""
     path = mlx_blas()
     if path is None:
-        return ("Accelerate" if platform.system() == "Darwin" else "unknown (no /proc/self/maps)"), None
+        return ("Accelerate" if platform.system() == "Darwin" else "not identified"), None
     core = openblas_core(path)
     if core is None:
         bundled = "mlx" in path and os.path.basename(path).startswith("libblas")
