@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
 import sys
 import time
 from dataclasses import replace
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -43,6 +44,87 @@ def dtype_words(args) -> str:
     return f"weights {args.dtype}, activations {compute}"
 
 
+# OpenBLAS's pre-AVX kernels (DYNAMIC_ARCH builds): what it runs on a CPU model it does not know, e.g. Debian's
+# OpenBLAS 0.3.21 on a Sapphire Rapids Xeon picks Prescott, about 5x slower GEMMs than SkylakeX (docs/performance.md).
+GENERIC_OPENBLAS_CORES = ("katmai", "coppermine", "northwood", "prescott", "banias", "core2", "generic")
+
+
+def _mapped_file(address: int) -> Optional[str]:
+    """The file mapped at `address` in this process (/proc/self/maps), or None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(a, 16) for a in parts[0].split("-"))
+            if lo <= address < hi and len(parts) > 5:
+                return parts[5]
+    return None
+
+
+def mlx_blas() -> Optional[str]:
+    """Path of the library whose `cblas_sgemm` MLX's CPU GEMMs call, or None where it cannot be told (no
+    /proc/self/maps: macOS, where MLX uses Accelerate). The dynamic linker binds libmlx's `cblas_sgemm` in the global
+    scope first (an LD_PRELOADed OpenBLAS), then in libmlx's own dependencies (the BLAS its wheel bundles); other
+    BLAS copies in the process (numpy's) are not it."""
+    if not os.path.exists("/proc/self/maps"):
+        return None
+    libmlx = os.path.join(os.path.dirname(mx.__file__), "lib", "libmlx.so")
+    for lib in (None, libmlx):
+        try:
+            fn = ctypes.CDLL(lib).cblas_sgemm
+        except (OSError, AttributeError):
+            continue
+        return _mapped_file(ctypes.cast(fn, ctypes.c_void_p).value)
+    return None
+
+
+def openblas_core(path: str) -> Optional[str]:
+    """The kernel set a loaded OpenBLAS runs (`openblas_get_corename`), or None for another BLAS."""
+    try:
+        fn = ctypes.CDLL(path).openblas_get_corename
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+def suggested_coretype(cpuinfo: Optional[str] = None) -> Optional[str]:
+    """The OPENBLAS_CORETYPE for this CPU's vector units (x86: AVX-512 -> SkylakeX, AVX2 -> Haswell), or None."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "SkylakeX" if "avx512f" in flags else "Haswell" if "avx2" in flags else None
+
+
+def cpu_blas() -> Tuple[str, Optional[str]]:
+    """(what runs MLX's float32 CPU GEMMs, a warning or None): the loaded library, and for OpenBLAS its core."""
+    path = mlx_blas()
+    if path is None:
+        return ("Accelerate" if platform.system() == "Darwin" else "not identified"), None
+    core = openblas_core(path)
+    if core is None:
+        bundled = "mlx" in path and os.path.basename(path).startswith("libblas")
+        return (f"MLX's bundled reference BLAS ({path}; slow: preload OpenBLAS, docs/performance.md)" if bundled
+                else path), None
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    words = f"OpenBLAS {path}, core {core}" + (f" (OPENBLAS_CORETYPE={forced})" if forced else " (autodetected)")
+    warning = None
+    if core.lower() in GENERIC_OPENBLAS_CORES:
+        hint = suggested_coretype()
+        warning = (f"WARNING: OpenBLAS runs its generic {core} kernels on this CPU (several times slower GEMMs)"
+                   + (f"; set OPENBLAS_CORETYPE={hint}" if hint else "") + " (docs/performance.md)")
+    return words, warning
+
+
+def blas_words() -> str:
+    """`cpu_blas` in one line, the warning included."""
+    words, warning = cpu_blas()
+    return words + (f"; {warning}" if warning else "")
+
+
 def blas_line() -> str:
     if mx.default_device() == mx.gpu:
         info = mx.device_info() if hasattr(mx, "device_info") else {}
@@ -51,10 +133,10 @@ def blas_line() -> str:
                 if arch.startswith("sm_") else "")
         return (f"- machine: {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__}, "
                 f"{info.get('device_name', 'GPU')} {arch}: every op on the GPU{tf32}")
-    preload = os.environ.get("LD_PRELOAD", "")
-    blas = f"OpenBLAS via LD_PRELOAD={preload}" if "openblas" in preload else "MLX's bundled reference BLAS"
+    blas, warning = cpu_blas()
     return (f"- machine: {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__}, {mx.default_device()}; "
-            f"float32 GEMMs: {blas}; bfloat16/float16 GEMMs: MLX's own CPU kernel")
+            f"float32 GEMMs: {blas}; bfloat16/float16 GEMMs: MLX's own CPU kernel"
+            + (f"\n- {warning}" if warning else ""))
 
 
 def load_line() -> str:

@@ -108,8 +108,9 @@ def main(argv=None) -> None:
     t, h, w = args.grid
     print(f"{args.layers} full-width layers (hidden 2048, 16 heads, 2 KV heads), {args.dtype}, grid {t}x{h}x{w} = "
           f"{t * h * w} tokens, {args.steps} steps, one thread per rank, ring backend on 127.0.0.1")
-    preload = os.environ.get("LD_PRELOAD", "")
-    print(f"BLAS: {preload if 'blas' in preload.lower() else 'the one MLX links (no LD_PRELOAD)'}")
+    from common import blas_words  # the parent's BLAS is the ranks' (same environment); imports MLX
+
+    print(f"BLAS: {blas_words()}")
     print(f"{'case':<26} {'layout':<36} {'s/step':>7} {'CPU s/step':>11} {'speed-up':>9} {'MB in/step/rank':>16} "
           f"{'max rel diff':>13}")
     with tempfile.TemporaryDirectory() as d:

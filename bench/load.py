@@ -167,9 +167,10 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     import mlx.core as mx
+    from common import blas_words
 
     print(f"\n{platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} ({mx.default_device()}), "
-          f"BLAS preload: {os.environ.get('LD_PRELOAD', 'none')}; full-width Lance with {args.layers} of 36 decoder "
+          f"BLAS: {blas_words()}; full-width Lance with {args.layers} of 36 decoder "
           f"layers, random weights; upstream folder {gb(up_bytes)} GB written in {write_s:.0f} s. Each row is a "
           "fresh process; `loading.load_components(checkpoints.resolve(folder, 't2i'), 't2i', dtype='bfloat16')` "
           "loads the LLM, tokenizer and VAE (bf16). Files were just written, so some of them may still be in the "

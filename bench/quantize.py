@@ -8,7 +8,6 @@ matmul is far too slow for this machine; on Apple silicon the fused kernels comp
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -16,6 +15,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
+from common import blas_words  # bench/common.py (this script's folder)
 from mlx.utils import tree_flatten
 
 from lance_mlx import quantize as Qz
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         print(rows[-1], file=sys.stderr, flush=True)
 
     print(f"\n{platform.machine()}, MLX {mx.__version__}, device {mx.default_device()}, "
-          f"BLAS preload: {os.environ.get('LD_PRELOAD', 'none')}; full-width Lance (hidden 2048, 16 heads) with "
+          f"BLAS: {blas_words()}; full-width Lance (hidden 2048, 16 heads) with "
           f"{args.layers} of 36 decoder layers, random weights, float32 activations; t2i velocity at a "
           f"{args.size}x{args.size} latent grid "
           f"(CFG 4, t = 0.7), logits of 64 text tokens; group size {args.group_size}; "

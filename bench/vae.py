@@ -11,6 +11,7 @@ import time
 
 import mlx.core as mx
 import numpy as np
+from common import blas_words  # bench/common.py (this script's folder)
 
 from lance_mlx.vae_wan22 import LATENTS_MEAN, LATENTS_STD, Wan2_2_VAE, sanitize_vae_weights  # noqa: E402
 
@@ -100,15 +101,10 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown cases {sorted(unknown)}; choose from {list(CASES)}")
 
-    preload = os.environ.get("LD_PRELOAD", "")
-    coretype = os.environ.get("OPENBLAS_CORETYPE")
-    blas = ("OpenBLAS via LD_PRELOAD=" + preload if "openblas" in preload else "MLX default (no LD_PRELOAD)")
-    if coretype:
-        blas += f", OPENBLAS_CORETYPE={coretype}"
     print("# Wan 2.2 VAE, release config (z 48, c_dim 160, dec_dim 256), random weights, float32, batch 1")
     print(f"- machine: {platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__}, "
           f"device {mx.default_device()}")
-    print(f"- MLX BLAS: {blas}")
+    print(f"- MLX BLAS: {blas_words()}")
 
     vae = Wan2_2_VAE()
     ref = None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from common import blas_words  # bench/common.py (this script's folder)
 from mlx.utils import tree_flatten
 
 from lance_mlx import understanding as U  # noqa: E402
@@ -24,18 +25,6 @@ from lance_mlx.vit import VisionTransformer  # noqa: E402
 
 TOKENIZER = Path(__file__).resolve().parent.parent / "tests" / "golden" / "tokenizer"  # the real Qwen2.5 vocab
 FULL_LLM_LAYERS, FULL_VIT_BLOCKS = 36, 32
-
-
-def blas() -> str:
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        maps = ""
-    if "openblas" in maps.lower():
-        return "OpenBLAS (LD_PRELOAD=" + os.environ.get("LD_PRELOAD", "?") + ")"
-    if platform.system() == "Darwin":
-        return "Accelerate"
-    return "MLX's bundled reference BLAS (slow; preload OpenBLAS for real numbers)"
 
 
 def full_attention_blocks(depth: int):
@@ -191,7 +180,7 @@ def main(argv=None) -> int:
             rows.append(("mlx-vlm qwen2_5_vl", name, bench_mlx_vlm(dt, L, V, args.size, args.tokens, tok)))
 
     print(f"\nMachine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, MLX {mx.__version__} on "
-          f"{mx.default_device()}, BLAS: {blas()}")
+          f"{mx.default_device()}, BLAS: {blas_words()}")
     if hasattr(os, "getloadavg"):  # other work on the machine inflates every number
         print(f"Load average (1 min) at start / end: {load_start:.1f} / {os.getloadavg()[0]:.1f}")
     print(f"Built with {L}/{FULL_LLM_LAYERS} LLM layers and {V}/{FULL_VIT_BLOCKS} ViT blocks; full-depth columns "

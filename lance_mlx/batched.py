@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -23,6 +23,9 @@ class BranchBatch:
     that row's context followed by the noise block (llm.RowCaches), so a noise token's softmax covers exactly its
     own branch's keys with no mask. `cos`/`sin` (B, N+2, head_dim) are each row's noise-block RoPE (the noise
     positions of the text-dropped branch are those of its shortened sequence, sequence.Sequence.branch).
+
+    A context may be empty: without the chat template (upstream's text_template false) the whole context is the
+    prompt, so the text-dropped branch caches nothing and its noise block attends to itself only.
     """
 
     states: Tuple[object, ...]  # lance.BranchState of each row
@@ -32,9 +35,8 @@ class BranchBatch:
 
     @classmethod
     def of(cls, states: Sequence[object]) -> "BranchBatch":
-        """The rows of `states` (lance.BranchState, prefilled, batch 1 each); their caches are read, never copied."""
-        if min(s.cache[0].offset for s in states) < 1:
-            raise ValueError("every guidance branch needs a prefilled context to be batched")
+        """The rows of `states` (lance.BranchState, prefilled, batch 1 each, a context possibly empty); their caches
+        are read, never copied."""
         cos = mx.stack([s.rope[0] for s in states])  # (B, N+2, head_dim)
         sin = mx.stack([s.rope[1] for s in states])
         mx.eval(cos, sin)
@@ -48,8 +50,8 @@ class BranchBatch:
         return len(states) == len(self.states) and all(a is b for a, b in zip(states, self.states))
 
     def frozen(self, rows: int) -> Frozen:
-        """What a step of the first `rows` branches reads: per layer, each row's cached keys and values, and the
-        rows' RoPE tables."""
+        """What a step of the first `rows` branches reads: per layer, each row's cached keys and values (None for
+        an empty context), and the rows' RoPE tables."""
         if rows not in self._frozen:
             caches = [s.cache for s in self.states[:rows]]
             self._frozen[rows] = {"keys": [[c[i].state[0] for c in caches] for i in range(len(caches[0]))],
@@ -58,10 +60,12 @@ class BranchBatch:
         return self._frozen[rows]
 
 
-def _frozen_cache(keys: mx.array, values: mx.array) -> KVCache:
-    """A KVCache that only serves reads of the given keys/values (the noise query never writes)."""
+def _frozen_cache(keys: Optional[mx.array], values: Optional[mx.array]) -> KVCache:
+    """A KVCache that only serves reads of the given keys/values (the noise query never writes); None: an empty
+    one, whose reads return the block alone (KVCache.fetch_with)."""
     c = KVCache()
-    c.keys, c.values, c.offset = keys, values, keys.shape[2]
+    if keys is not None:
+        c.keys, c.values, c.offset = keys, values, keys.shape[2]
     return c
 
 

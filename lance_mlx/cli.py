@@ -21,7 +21,7 @@ from .checkpoints import UPSTREAM_REPO
 from .config import DEFAULT_SAMPLING, POSTERIOR_SEED, SAMPLERS, SamplingParams
 from .errors import InvalidRequestError, LanceError
 from .loading import DTYPES
-from .processing import ASPECT_RATIOS, bucket_table
+from .processing import OUTPUT_ASPECT_RATIOS, output_size
 
 D = DEFAULT_SAMPLING
 
@@ -135,19 +135,19 @@ def add_size_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("size")
     g.add_argument("--width", type=int, help="output width in pixels (multiple of 16, at most 1024)")
     g.add_argument("--height", type=int, help="output height in pixels (multiple of 16, at most 1024)")
-    g.add_argument("--aspect", choices=list(ASPECT_RATIOS),
-                   help="aspect-ratio preset used when --width/--height are not given (upstream buckets)")
+    g.add_argument("--aspect", choices=list(OUTPUT_ASPECT_RATIOS),
+                   help="aspect-ratio preset used when --width/--height are not given (upstream app's sizes)")
     g.add_argument("--resolution", type=int,
-                   help="area preset: the bucket covers about RESOLUTION² pixels")
+                   help="area preset: the size covers about RESOLUTION² pixels (upstream app's sizes at 768, 640 "
+                        "and 480, its bucket rule at others)")
 
 
 def resolve_size(args, aspect: str, resolution: int) -> tuple:
-    """(width, height) from explicit flags or upstream's bucket for the aspect/resolution preset."""
+    """(width, height) from explicit flags or upstream's size for the aspect/resolution preset."""
     if args.width is None and args.height is None:
         if isinstance(resolution, bool) or not 64 <= resolution <= 1024:
             raise InvalidRequestError(f"--resolution must be between 64 and 1024 pixels, got {resolution}")
-        h, w = dict(zip(ASPECT_RATIOS, bucket_table(resolution)))[aspect]
-        return w, h
+        return output_size(aspect, resolution)
     if args.width is None or args.height is None:
         raise InvalidRequestError("give both --width and --height, or neither (then --aspect/--resolution apply)")
     return args.width, args.height

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 # Sources: upstream bytedance/Lance data/datasets_custom/validation_dataset.py (presets, crops, mean/std, sampler
 # arguments), data/video/transforms/bucket_resize.py (buckets), data/data_utils.py (patch order).
-ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")
+ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")  # the input buckets (bucket_table)
 BUCKET_STRIDE = 16
 VAE_CROP = 16
 VIT_CROP = 28  # patch 14 x spatial merge 2
@@ -73,6 +73,30 @@ def get_preset(preset: Union[str, Preset]) -> Preset:
     if preset not in PRESETS:
         raise ValueError(f"unknown resolution preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[preset]
+
+
+# Output sizes of upstream's app (bytedance/Lance common/gradio_utils/settings.py: ASPECT_RATIO_CHOICES and
+# IMAGE_ASPECT_RATIO_TO_SIZE, VIDEO_480P_ASPECT_RATIO_TO_SIZE, VIDEO_360P_ASPECT_RATIO_TO_SIZE), (width, height)
+# per aspect ratio, keyed by the side of the area they cover: image_768res 768², video_480p 640², video_360p 480².
+# They are not the input buckets above (two more ratios; e.g. 4:3 at 768² is 880x672 here, 896x672 as a bucket).
+OUTPUT_ASPECT_RATIOS = ("21:9", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16")
+OUTPUT_SIZES = {
+    768: dict(zip(OUTPUT_ASPECT_RATIOS, ((1168, 496), (1024, 576), (944, 624), (880, 672), (768, 768), (672, 880),
+                                         (624, 944), (576, 1024)))),
+    640: dict(zip(OUTPUT_ASPECT_RATIOS, ((976, 416), (848, 480), (784, 528), (736, 560), (640, 640), (560, 736),
+                                         (528, 784), (480, 848)))),
+    480: dict(zip(OUTPUT_ASPECT_RATIOS, ((672, 288), (640, 352), (528, 352), (560, 416), (480, 480), (416, 560),
+                                         (352, 528), (352, 640)))),
+}
+
+
+def output_size(aspect: str, resolution: int) -> Tuple[int, int]:
+    """(width, height) of an output of `aspect` (one of OUTPUT_ASPECT_RATIOS) covering about resolution² pixels:
+    upstream's app sizes at its three areas, upstream's bucket rule (bucket_table) at any other."""
+    if resolution in OUTPUT_SIZES:
+        return OUTPUT_SIZES[resolution][aspect]
+    h, w = dict(zip(OUTPUT_ASPECT_RATIOS, bucket_table(resolution, aspect_ratios=OUTPUT_ASPECT_RATIOS)))[aspect]
+    return w, h
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -47,6 +47,14 @@ def case(model, task):
 TASKS = ["t2i", "t2v", "i2v", "edit", "edit+image-cfg", "video-edit", "video-edit+image-cfg"]
 
 
+def untemplated_sequence(shape=(1, 4, 6)):
+    """Upstream's layout without the chat template (text_template false; validation_dataset.py::t2v_sample):
+    [<bos> prompt <eos>] (all modality 0, causal) then the noise block. The text-dropped branch keeps no context
+    at all: its noise block attends to itself only."""
+    bos, eos = Q.IM_START, Q.IM_END  # upstream's new_token_ids bos / eos (data/data_utils.py)
+    return Q.Sequence([Q.text_split([bos, *PROMPT, eos], Q.MODALITY_TEXT), Q.latent_split(shape, "target")])
+
+
 def assert_close(got, ref, rtol=RTOL):
     got, ref = np.array(got), np.array(ref)
     assert got.shape == ref.shape
@@ -74,6 +82,33 @@ def test_batched_equals_sequential(model, task):
     assert ref.v_uncond is not None and (ref.v_uncond_all is not None) == (rows == 3)
     # outside the guidance interval only the conditional branch runs: a batch of one
     assert_close(model.velocity(ctx, x, t, 1.0, 1.0).v, model.velocity(ctx, x, t, 1.0, 1.0, batched=False).v)
+
+
+def test_untemplated_layout_empty_context(model):
+    """A branch with an empty context (zero-length cache) is a row of the batch like any other."""
+    seq = untemplated_sequence()
+    ctx = model.prepare_generation(seq)
+    assert ctx.uncond.cache[0].offset == 0 < ctx.cond.cache[0].offset
+    assert model.batched_step(ctx).batch.lengths == [len(PROMPT) + 2, 0]
+    x = mx.random.normal((ctx.num_tokens, 48), key=mx.random.key(11))
+    ref = model.velocity(ctx, x, 0.7, 4.0, batched=False)
+    # the empty row's noise block attends to itself only: the uncached forward of the branch alone
+    assert_close(ref.v_uncond, model.velocity_uncached(ctx.uncond.branch, x, 0.7))
+    for compiled in (False, True):
+        got = model.velocity(ctx, x, 0.7, 4.0, compiled=compiled)
+        for name in ("v_cond", "v_uncond", "v"):
+            assert_close(getattr(got, name), getattr(ref, name))
+    assert_close(model.velocity(ctx, x, 0.7, 1.0).v, model.velocity(ctx, x, 0.7, 1.0, batched=False).v)
+
+
+def test_untemplated_layout_denoise_and_generate(model):
+    seq = untemplated_sequence((1, 2, 3))
+    params = SamplingParams(steps=4, cfg_text=4.0, cfg_interval=(0.8, 1.0),
+                            noise=mx.random.normal((6, 48), key=mx.random.key(12)))
+    ref = list(model.denoise(seq, params, batched=False))
+    assert min(s.t for s in ref) <= 0.8 < max(s.t for s in ref)  # batches of 2 and of 1
+    assert_close(list(model.denoise(seq, params))[-1].latents, ref[-1].latents)
+    assert_close(model.generate(seq, params), ref[-1].latents.reshape(1, 1, 2, 3, 48))
 
 
 @pytest.mark.parametrize("task", ["edit+image-cfg", "i2v"])
@@ -143,3 +178,19 @@ def test_row_caches_serve_only_the_bidirectional_read():
     for attn, update in (("causal", False), ("full", True)):
         with pytest.raises(ValueError, match="read-only"):
             rows.attend(q, q[:, :1], q[:, :1], 0.5, attn, update)
+
+
+def test_row_caches_empty_row_attends_to_its_block_only():
+    from lance_mlx.llm import KVCache, RowCaches
+
+    k0 = mx.random.normal((1, 1, 3, 4), key=mx.random.key(1))
+    full = KVCache()
+    full.update_and_fetch(k0, k0)
+    q = mx.random.normal((2, 2, 5, 4), key=mx.random.key(2))
+    k = mx.random.normal((2, 1, 5, 4), key=mx.random.key(3))
+    out = RowCaches([full, KVCache()]).attend(q, k, k, 0.5, "full", False)  # (2, 5, 8)
+    alone = mx.fast.scaled_dot_product_attention(q[1:], k[1:], k[1:], scale=0.5)  # (1, 2, 5, 4)
+    np.testing.assert_array_equal(np.array(out[1]), np.array(alone[0].transpose(1, 0, 2).reshape(5, 8)))
+    with_ctx = mx.fast.scaled_dot_product_attention(q[:1], mx.concatenate([k0, k[:1]], axis=2),
+                                                    mx.concatenate([k0, k[:1]], axis=2), scale=0.5)
+    np.testing.assert_array_equal(np.array(out[0]), np.array(with_ctx[0].transpose(1, 0, 2).reshape(5, 8)))

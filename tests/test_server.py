@@ -28,8 +28,10 @@ def test_health_models_presets_and_page(served):
     assert [(m["id"], m["checkpoint"]) for m in models["data"]] == [("Lance_3B", "image"), ("Lance_3B_Video", "video")]
     assert "t2v" in models["data"][1]["tasks"] and "t2i" in models["data"][0]["tasks"]
     p = client.get("/v1/presets").json()
-    assert p["aspect_ratios"] == ["21:9", "16:9", "4:3", "1:1", "3:4", "9:16"]
-    assert p["buckets"]["640"]["16:9"] == {"width": 848, "height": 480}  # upstream's video_480p 16:9 bucket
+    assert p["aspect_ratios"] == ["21:9", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16"]  # upstream's app
+    assert p["buckets"]["640"]["16:9"] == {"width": 848, "height": 480}  # upstream's video_480p 16:9 size
+    assert p["buckets"]["768"]["3:2"] == {"width": 944, "height": 624}  # image_768res
+    assert p["buckets"]["480"]["2:3"] == {"width": 352, "height": 528}  # video_360p
     page = client.get("/")
     assert page.status_code == 200 and "<title>lance-mlx</title>" in page.text
     for asset in ("/static/app.js", "/static/style.css"):

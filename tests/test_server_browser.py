@@ -13,28 +13,52 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from server_helpers import ROOT, free_port, start_server, stop_server
 
-CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
-DRIVER = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
+CHROMIUM = ("chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser")
+DRIVER = ("chromedriver", "/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
 ARTIFACTS = Path(os.environ.get("LANCE_TEST_ARTIFACTS", ROOT / "out" / "test-artifacts"))
 
 
-def _first(paths, what):
-    for p in paths:
-        if Path(p).is_file():
-            return p
-    pytest.fail(f"{what} not found at {', '.join(paths)}: apt-get install chromium chromium-driver (.ci/run does)")
+def find_program(names):
+    """The first of `names` found (a bare name on PATH, else a path), or None."""
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def require_browser():
+    """(chromium, chromedriver) paths; a missing one fails the test (never skips it) with one line saying what to
+    install."""
+    paths = find_program(CHROMIUM), find_program(DRIVER)
+    missing = [names[0] for names, p in zip((CHROMIUM, DRIVER), paths) if p is None]
+    if missing:
+        pytest.fail(f"the browser test needs Debian's packages chromium and chromium-driver, but "
+                    f"{' and '.join(missing)} is not installed: apt-get install chromium chromium-driver "
+                    f"(.ci/run installs them)", pytrace=False)
+    return paths
 
 
 @pytest.fixture
-def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = _first(CHROMIUM, "chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(_first(DRIVER, "chromedriver")))
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+def launch_browser():
+    """Starts headless chromium when the test calls it, so a missing browser fails the test itself."""
+    drivers = []
+
+    def launch():
+        chromium, chromedriver = require_browser()
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                    "--window-size=1280,900"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(options=options, service=Service(chromedriver))
+        drivers.append(driver)
+        driver.set_page_load_timeout(30)
+        return driver
+
+    yield launch
+    for driver in drivers:
+        driver.quit()
 
 
 # Records every text the status line shows (each mutation record, not the batched callbacks), so the test sees
@@ -46,14 +70,16 @@ new MutationObserver(log).observe(document.getElementById('status'), {childList:
 """
 
 
-def test_page_generates_an_image_and_keeps_it_in_history(upstream_root, tmp_path, browser):
+def test_page_generates_an_image_and_keeps_it_in_history(upstream_root, tmp_path, launch_browser):
+    browser = launch_browser()
     out, port = tmp_path / "served", free_port()
     proc, base = start_server(upstream_root, out, "--max-steps", "1000", port=port)
     try:
         browser.get(base + "/")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: d.find_element(By.ID, "aspect").find_elements(By.TAG_NAME, "option"))
-        assert "21:9" in browser.find_element(By.ID, "aspect").text  # upstream's aspect presets are offered
+        assert browser.find_element(By.ID, "aspect").text.split() == ["21:9", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3",
+                                                                      "9:16"]  # upstream app's aspect presets
         browser.find_element(By.ID, "prompt").send_keys("a lighthouse at dusk")
         for field, value in (("width", 32), ("height", 32), ("steps", 2), ("seed", 7)):
             el = browser.find_element(By.ID, field)
@@ -105,3 +131,11 @@ def test_page_generates_an_image_and_keeps_it_in_history(upstream_root, tmp_path
             shutil.copyfile(shot, ROOT / "docs" / "server.png")
     finally:
         stop_server(proc)
+
+
+def test_a_missing_browser_fails_naming_the_debian_packages(monkeypatch):
+    monkeypatch.setattr(f"{__name__}.DRIVER", ("no-such-chromedriver", "/nonexistent/chromedriver"))
+    with pytest.raises(pytest.fail.Exception,
+                       match=r"Debian's packages chromium and chromium-driver, but no-such-chromedriver is not "
+                             r"installed: apt-get install chromium chromium-driver"):
+        require_browser()

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checkpoints import IMAGE_LLM_DIR, TASKS, VIDEO_LLM_DIR, checkpoint_kind_for
 from ..errors import InvalidRequestError, InvalidTypeError, LanceError
-from ..processing import ASPECT_RATIOS, PRESETS, bucket_table
+from ..processing import OUTPUT_ASPECT_RATIOS, PRESETS, output_size
 from . import schemas, views
 from .history import History
 from .jobs import Engine, Job, QueueFull
@@ -31,7 +31,7 @@ from .settings import HISTORY_PAGE, ServerConfig
 log = logging.getLogger("lance_mlx.server")
 STATIC = Path(__file__).parent / "static"
 PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # no API key needed: no data behind them
-PRESET_RESOLUTIONS = (256, 384, 512, 640, 768, 1024)  # areas offered by the page's aspect-ratio presets
+PRESET_RESOLUTIONS = (256, 384, 480, 512, 640, 768, 1024)  # areas offered by the page's aspect-ratio presets
 MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 64
 HEARTBEAT_S = 4.0  # an event stream waiting in the queue sends a comment this often (httpx times out after 5 s)
 DISCONNECT_POLL_S = 0.5  # how often a waiting synchronous request checks that its client is still there
@@ -259,9 +259,8 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
 
     @app.get("/v1/presets")
     async def presets():
-        return {"aspect_ratios": list(ASPECT_RATIOS),
-                "buckets": {str(r): {a: {"width": w, "height": h} for a, (h, w) in zip(ASPECT_RATIOS,
-                                                                                        bucket_table(r))}
+        return {"aspect_ratios": list(OUTPUT_ASPECT_RATIOS),
+                "buckets": {str(r): {a: dict(zip(("width", "height"), output_size(a, r))) for a in OUTPUT_ASPECT_RATIOS}
                             for r in PRESET_RESOLUTIONS},
                 "presets": list(PRESETS),
                 "limits": {"max_steps": config.max_steps, "max_pixels": config.max_pixels,

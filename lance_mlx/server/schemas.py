@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 from ..config import DEFAULT_SAMPLING, OUTPUT_FPS, POSTERIOR_SEED, SAMPLERS, SamplingParams
 from ..errors import InvalidRequestError, InvalidTypeError
-from ..processing import ASPECT_RATIOS, PRESETS, bucket_table
+from ..processing import OUTPUT_ASPECT_RATIOS, PRESETS, output_size
 from ..tasks import (
     FRAME_STRIDE,
     I2V_RESOLUTION,
@@ -195,7 +195,7 @@ def posterior(f: Fields) -> Posterior:
 
 
 def size(f: Fields, config: ServerConfig, kind: str) -> Tuple[int, int]:
-    """(width, height) from `size` "WxH", else the upstream bucket of `aspect_ratio` at `resolution`²."""
+    """(width, height) from `size` "WxH", else upstream's size of `aspect_ratio` at `resolution`²."""
     default = IMAGE_SIZE if kind == "image" else VIDEO_SIZE
     text = f.text("size")
     if text not in (None, "auto") and (f.has("aspect_ratio") or f.has("resolution")):
@@ -206,9 +206,9 @@ def size(f: Fields, config: ServerConfig, kind: str) -> Tuple[int, int]:
             raise InvalidRequestError(f"size must be WIDTHxHEIGHT in pixels, e.g. 768x768, got {text!r}", "size")
         w, h = (int(p) for p in parts)
     elif f.has("aspect_ratio"):
-        aspect = f.choice("aspect_ratio", ASPECT_RATIOS)
+        aspect = f.choice("aspect_ratio", OUTPUT_ASPECT_RATIOS)
         resolution = f.integer("resolution", DEFAULT_RESOLUTION[kind], 64, 1024)
-        h, w = dict(zip(ASPECT_RATIOS, bucket_table(resolution)))[aspect]
+        w, h = output_size(aspect, resolution)
     else:
         w, h = default
     if w * h > config.max_pixels:
