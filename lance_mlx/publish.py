@@ -70,6 +70,9 @@ def rename_noreplace(src, dst) -> None:
     """Move the file or folder `src` to `dst`; FileExistsError, with nothing changed, when `dst` exists."""
     if _flagged_rename(src, dst, _NOREPLACE):
         return
+    if os.name == "nt":  # Windows' rename never replaces an existing name
+        os.rename(src, dst)
+        return
     if os.path.isdir(src) and not os.path.islink(src):
         os.mkdir(dst)  # the claim: fails when the name is taken
         try:
