@@ -162,7 +162,11 @@ def _swap(tmp: Path, dest: Path, replaceable: Replaceable) -> bool:
     place without replacing."""
     if not replaceable(dest, dest):
         return False
-    if exchange(tmp, dest):
+    try:
+        swapped = exchange(tmp, dest)
+    except FileNotFoundError:  # removed meanwhile: nothing to replace
+        return _claim(tmp, dest)
+    if swapped:
         try:
             ok = replaceable(tmp, dest)
         except BaseException:

@@ -291,3 +291,16 @@ def test_the_command_line_script_exits_1_naming_a_free_path(converted, work):
     _one_error_line(r.stderr, "x-1.png")
     assert (work / "x.png").read_bytes() == USER and media.is_own_output(work / "x-1.png")
     assert sorted(p.name for p in work.iterdir()) == ["notes.json", "x-1.png", "x.png"] and before != tree_hash(work)
+
+
+def test_an_earlier_output_removed_at_the_swap_is_simply_replaced(tmp_path, monkeypatch, renames):
+    dest = media.save_image(_image()[:8], tmp_path / "x.png", OURS)
+    real = publish.exchange
+
+    def user_removes_first(a, b):
+        Path(b).unlink()
+        return real(a, b)
+
+    monkeypatch.setattr(publish, "exchange", user_removes_first)
+    media.save_image(_image(), dest, OURS, replace=True)
+    assert Image.open(dest).size == (24, 16) and sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
