@@ -217,7 +217,7 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     `load(args, request)` gives the pipeline and `denoise(pipe, plan)` the step generator (default
     `pipe.denoise(plan)`); distributed.py passes its own for runs over several ranks."""
     from .config import OUTPUT_FPS
-    from .media import SOFTWARE, save_metadata_json
+    from .media import SOFTWARE
 
     sidecar = sidecar_from_args(args) if role.writes else None
     size_known = hasattr(request, "latent_shape")  # t2i, t2v: checked before loading; the others after plan
@@ -244,13 +244,32 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     if request.checkpoint == "video":
         meta.update(frames=frames, fps=fps)
     with timer.phase("decode + write"):
-        pipe.save(latents.reshape(1, t, h, w, -1), out, fps=fps, metadata=meta)
-        if sidecar is not None:
-            save_metadata_json({**meta, "output": str(out)}, sidecar)
+        write_outputs(pipe, latents.reshape(1, t, h, w, -1), out, sidecar, fps, meta, args.force)
     if role.shows:
         timer.summary()
     what = f"{frames} frames at {fps:g} fps, " if request.checkpoint == "video" else ""
     print(f"{role.label}saved {out} ({what}{16 * w}x{16 * h})", file=sys.stderr)
+
+
+def write_outputs(pipe, latents, out: Path, sidecar: Optional[Path], fps: float, meta: dict, force: bool) -> None:
+    """Decode and write `out`, then the sidecar. When a name was taken during the run (`OutputTakenError`), the
+    result is saved under a free name, the sidecar still says where, and the error is raised after both."""
+    from .errors import OutputTakenError
+    from .media import save_metadata_json
+
+    taken = []
+    try:
+        pipe.save(latents, out, fps=fps, metadata=meta, replace=force)
+    except OutputTakenError as e:
+        taken.append(e)
+        out = e.saved
+    if sidecar is not None:
+        try:
+            save_metadata_json({**meta, "output": str(out)}, sidecar, replace=force)
+        except OutputTakenError as e:
+            taken.append(e)
+    if taken:
+        raise OutputTakenError("; ".join(map(str, taken)), saved=taken[0].saved)
 
 
 def check_space(out: Path, latent_shape) -> None:

@@ -64,7 +64,8 @@ def run(args) -> int:
         save_metadata_json({"answer": r.text, "question": args.question, "input": str(media),
                             "task": request.task, "max_tokens": args.max_tokens, "temperature": args.temperature,
                             "top_p": args.top_p, "seed": args.seed, "finish_reason": r.finish_reason,
-                            "model": args.model, "dtype": args.dtype, "software": SOFTWARE}, sidecar)
+                            "model": args.model, "dtype": args.dtype, "software": SOFTWARE},
+                           sidecar, replace=args.force)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -29,8 +30,9 @@ from .checkpoints import (
     resolve,
 )
 from .config import LanceConfig, VAEConfig
-from .errors import InvalidRequestError, OutputError, WeightsError
+from .errors import InvalidRequestError, OutputError, OutputTakenError, WeightsError, WriteError
 from .loading import dtype_name, normalize_llm_keys, normalize_vae_keys, parse_dtype
+from .publish import publish
 from .quantize import check_quantization, is_quantized_linear, quantization_warning
 
 SHARD_BYTES = 5 * 10**9  # largest model-*.safetensors shard convert.py writes
@@ -89,6 +91,7 @@ class ConversionPlan:
     vit_from: str  # "bundled" (the video checkpoint's vit_model.* tensors) or "file"
     vit_file: Path | None
     shards: list[list[_Tensor]]
+    needed_bytes: int = 0  # disk space of the output (`_needed_bytes`)
 
     @property
     def num_tensors(self) -> int:
@@ -260,7 +263,8 @@ def plan_conversion(source, dest, options: ConversionOptions = ConversionOptions
     shards = _shards(_plan_llm(shapes, files.key_style, dt.size, quant), int(options.shard_bytes))
     plan = ConversionPlan(source=source, dest=dest, options=options, dtype=dt, vae_dtype=vae_dt, quant=quant,
                           files=files, config=config, vit_from=vit_from, vit_file=vit_file, shards=shards)
-    _check_disk(dest, _needed_bytes(plan, shapes))
+    plan.needed_bytes = _needed_bytes(plan, shapes)
+    _check_disk(dest, plan.needed_bytes)
     return plan
 
 
@@ -269,7 +273,15 @@ def plan_conversion(source, dest, options: ConversionOptions = ConversionOptions
 
 
 def _write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str]) -> None:
-    mx.save_safetensors(str(path), tensors, metadata=metadata)
+    try:
+        mx.save_safetensors(str(path), tensors, metadata=metadata)
+    except RuntimeError as e:
+        # MLX reports a failed write only as "[write] Unable to write N bytes to file.", without the system's
+        # reason: a disk without room for these tensors is a full disk, anything else an I/O error.
+        if "Unable to write" not in str(e):
+            raise
+        full = shutil.disk_usage(path.parent).free < sum(t.nbytes for t in tensors.values()) + 2**20
+        raise OSError(errno.ENOSPC if full else errno.EIO, str(e).strip(), str(path)) from None
 
 
 _META = {"format": "mlx"}
@@ -373,26 +385,23 @@ def _staging(dest: Path) -> Iterator[Path]:
         raise
 
 
-def install(tmp: Path, dest: Path, force: bool, log: Callable[[str], Any] = _stderr) -> None:
-    """Rename the finished folder `tmp` to `dest`. An existing `dest` is checked again (an earlier conversion
-    output, with `force`), moved to a hidden sibling, and removed once `tmp` is in its place."""
-    dest = check_destination(dest, force)
+def install(tmp: Path, dest: Path, force: bool) -> None:
+    """Rename the finished folder `tmp` to `dest` without replacing anything convert.py did not write
+    (`publish.publish`): with `force`, an earlier conversion output is swapped out, checked again at the moment of
+    the swap. When `dest` was taken meanwhile, the folder goes to a free name beside it: OutputTakenError."""
     umask = os.umask(0)  # mkdtemp makes a private folder; give it the permissions a plain mkdir would
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
-    if not (dest.exists() or dest.is_symlink()):
-        os.replace(tmp, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-    os.replace(dest, old)  # onto the empty placeholder folder
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if old.exists():
-        log(f"warning: could not remove the replaced conversion, now at {old}")
+    saved = publish(tmp, dest, (lambda path, like: _not_conversion_output(path) is None) if force else None)
+    if saved is not None:
+        raise OutputTakenError(f"{dest} was created or changed by something else while converting and is left alone; "
+                               f"the converted model was saved as {saved} instead", saved=saved)
+
+
+def _disk_full(plan: ConversionPlan) -> WriteError:
+    return WriteError(f"no space left on {plan.dest.parent} while converting to {plan.dest.name}: the converted model "
+                      f"needs about {plan.needed_bytes / 1e9:.2f} GB; nothing was saved (the partial folder was "
+                      "removed): free some space or choose another destination")
 
 
 def convert(source, dest, options: ConversionOptions = ConversionOptions(), progress: bool = True,
@@ -413,7 +422,11 @@ def convert(source, dest, options: ConversionOptions = ConversionOptions(), prog
             write_vit(plan, tmp)
             bar.update(1)
             write_tokenizer_and_config(plan, tmp)
-            install(tmp, plan.dest, options.force, log)
+            install(tmp, plan.dest, options.force)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(plan) from None
+        raise
     finally:
         bar.close()
     return plan.dest

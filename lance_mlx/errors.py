@@ -49,3 +49,12 @@ class GenerationError(LanceError, RuntimeError):
     """A run failed after it started for a reason other than its inputs."""
 
     exit_code = 1
+
+
+class OutputTakenError(WriteError):
+    """The output's name was taken while running by something the run may not replace: that is left alone, and
+    the result was saved under `saved`, a free name beside it."""
+
+    def __init__(self, message: str = "", param: str = None, saved=None):
+        super().__init__(message, param)
+        self.saved = saved

@@ -17,6 +17,8 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from .publish import free_path, publish, remove  # noqa: F401  (free_path: part of this module's API)
+
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -34,34 +36,25 @@ def output_kind(path) -> str:
     return "frames" if suffix == "" else "video"
 
 
-def free_path(path) -> Path:
-    """The first of `path`, `stem-1.ext`, `stem-2.ext`, ... that does not exist."""
-    path = Path(path)
-    n = 1
-    cand = path
-    while cand.exists() or cand.is_symlink():
-        cand = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        n += 1
-    return cand
-
-
-def is_own_output(path) -> bool:
+def is_own_output(path, like=None) -> bool:
     """Whether `path` is an earlier output of this tool: an image / video / JSON sidecar whose metadata says
-    software=lance-mlx, or a folder holding only such PNG frames (frame_NNNNN.png). Anything else is the user's."""
+    software=lance-mlx, or a folder holding only such PNG frames (frame_NNNNN.png). Anything else is the user's.
+    `like`: the name whose suffix tells the format, when `path` is a temporary name (default: `path`)."""
     path = Path(path)
+    suffix = Path(like or path).suffix.lower()
     if path.is_symlink():
         return False
     if path.is_dir():
-        if path.suffix:  # PNG-frame outputs are suffix-less names (output_kind)
+        if suffix:  # PNG-frame outputs are suffix-less names (output_kind)
             return False
         entries = list(path.iterdir())
         return bool(entries) and all(e.is_file() and e.name.startswith("frame_") and e.suffix == ".png"
                                      and is_own_output(e) for e in entries)
     if not path.is_file():
         return False
-    if path.suffix.lower() == ".json":  # a --metadata-json sidecar
+    if suffix == ".json":  # a --metadata-json sidecar
         return _is_own_json(path)
-    if path.suffix.lower() in IMAGE_SUFFIXES + (".gif",):
+    if suffix in IMAGE_SUFFIXES + (".gif",):
         try:
             with Image.open(path) as im:
                 info = dict(getattr(im, "text", {}) or {})
@@ -172,23 +165,26 @@ def check_sidecar(path, force: bool = False) -> Path:
     return _check_replaceable(path, force, "metadata_json", "a lance-mlx metadata file", "earlier lance-mlx metadata")
 
 
-def save_metadata_json(metadata: Dict[str, object], path) -> Path:
-    """Write `metadata` (which carries software=lance-mlx, the marker of our own files) as a JSON sidecar."""
-    with atomic_output(path) as tmp:
+def save_metadata_json(metadata: Dict[str, object], path, replace: bool = False) -> Path:
+    """Write `metadata` (which carries software=lance-mlx, the marker of our own files) as a JSON sidecar;
+    `replace`: as in `atomic_output`."""
+    with atomic_output(path, replace=replace) as tmp:
         tmp.write_text(json.dumps(metadata, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     return Path(path)
 
 
 @contextlib.contextmanager
-def atomic_output(dest, is_dir: bool = False, size_hint: Optional[int] = None) -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; move it onto `dest` only if the block succeeds.
+def atomic_output(dest, is_dir: bool = False, size_hint: Optional[int] = None, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; put it under `dest` only if the block succeeds.
 
-    An interrupted or failed write never leaves a partial file under the final name. An existing folder at
-    `dest` is replaced only when it is an earlier output of this tool (`is_own_output`); it is moved aside first
-    and deleted once the new one is in place. A full disk becomes a `WriteError` naming the folder (and
+    An interrupted or failed write never leaves a partial file under the final name, and nothing this run did not
+    create is ever replaced (`publish.publish`): a missing `dest` is created by a rename that fails if the name was
+    taken meanwhile; an existing one is replaced only with `replace` (the user's --force) and only if it is still
+    an earlier output of this tool at the moment of the swap. Otherwise the result goes to a free name beside it
+    and `OutputTakenError` says where. A full disk becomes a `WriteError` naming the folder (and
     `size_hint`, the bytes the output needs, when known).
     """
-    from .errors import OutputError, WriteError
+    from .errors import WriteError
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -198,34 +194,37 @@ def atomic_output(dest, is_dir: bool = False, size_hint: Optional[int] = None) -
         fd, name = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".partial{dest.suffix}", dir=dest.parent)
         os.close(fd)
         tmp = Path(name)
-    old = None
     try:
         yield tmp
         # mkstemp/mkdtemp create private files; give the result the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
-        if dest.is_dir() and not dest.is_symlink():
-            if not (is_dir and is_own_output(dest)):
-                raise OutputError(f"{dest} is a folder that is not an output of lance-mlx; it is left alone")
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-        os.replace(tmp, dest)
+        _publish(tmp, dest, is_dir, replace)
     except BaseException as e:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        if old is not None and not dest.exists():
-            os.replace(old / dest.name, dest)
+        remove(tmp)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             need = f", it needs about {_mb(size_hint)}" if size_hint else ""
             raise WriteError(f"no space left on {dest.parent} while writing {dest.name}{need}; nothing was saved: "
                              "free some space or choose an --out on another disk") from None
         raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish(tmp: Path, dest: Path, is_dir: bool, replace: bool) -> None:
+    """Move the finished `tmp` to `dest` (see `atomic_output`), or to a free name and raise OutputTakenError."""
+    from .errors import OutputTakenError
+
+    def ours(path: Path, like: Path) -> bool:  # an earlier output of this tool, a folder iff the new one is
+        try:
+            return path.is_dir() == is_dir and is_own_output(path, like=like)
+        except OSError:
+            return False
+
+    saved = publish(tmp, dest, ours if replace else None)
+    if saved is not None:
+        raise OutputTakenError(f"{dest} is taken by something this run did not write (it was saved or changed there "
+                               f"while the run was working), so it is left alone; the result was saved as {saved} "
+                               "instead", saved=saved)
 
 
 def to_uint8(pixels) -> np.ndarray:
@@ -235,11 +234,12 @@ def to_uint8(pixels) -> np.ndarray:
     return np.round((x * 0.5 + 0.5) * 255.0).astype(np.uint8)
 
 
-def save_image(image, path, metadata: Optional[Dict[str, object]] = None) -> Path:
-    """Save a PIL image or (H, W, 3) uint8 array atomically; PNGs carry `metadata` as text chunks."""
+def save_image(image, path, metadata: Optional[Dict[str, object]] = None, replace: bool = False) -> Path:
+    """Save a PIL image or (H, W, 3) uint8 array atomically; PNGs carry `metadata` as text chunks; `replace`: as
+    in `atomic_output`."""
     path = Path(path)
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-    with atomic_output(path, size_hint=estimate_output_bytes(path, *img.size)) as tmp:
+    with atomic_output(path, size_hint=estimate_output_bytes(path, *img.size), replace=replace) as tmp:
         _write_image(img, tmp, path, metadata)
     return path
 
@@ -278,7 +278,7 @@ def _check_image(tmp: Path, dest: Path, size: Tuple[int, int]) -> None:
 
 
 def save_video(frames: Iterable[np.ndarray], path, fps: float = 12.0, size: Optional[Tuple[int, int]] = None,
-               metadata: Optional[Dict[str, object]] = None) -> Path:
+               metadata: Optional[Dict[str, object]] = None, replace: bool = False) -> Path:
     """Write (H, W, 3) uint8 frames as H.264 MP4 (imageio-ffmpeg), GIF, or a folder of PNG frames.
 
     The format follows the suffix (`.mp4`/`.mov`/`.mkv` → H.264, `.gif` → GIF, no suffix → PNG frames).
@@ -287,16 +287,16 @@ def save_video(frames: Iterable[np.ndarray], path, fps: float = 12.0, size: Opti
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".gif":
-        return _save_gif(frames, path, fps, metadata)
+        return _save_gif(frames, path, fps, metadata, replace)
     if suffix == "":
-        return _save_png_frames(frames, path, metadata)
+        return _save_png_frames(frames, path, metadata, replace)
     if suffix not in (".mp4", ".mov", ".mkv"):
         raise ValueError(f"unsupported video format {suffix!r}: use .mp4, .gif, or a name without a suffix for "
                          "a folder of PNG frames")
     frames = iter(frames)
     first = np.asarray(next(frames), dtype=np.uint8)
     h, w = first.shape[:2]
-    with atomic_output(path, size_hint=estimate_output_bytes(path, w, h)) as tmp:
+    with atomic_output(path, size_hint=estimate_output_bytes(path, w, h), replace=replace) as tmp:
         count = _encode_h264(itertools.chain([first], frames), (w, h), tmp, fps, metadata)
         _check_video(tmp, path, count, fps)
     return path
@@ -381,11 +381,11 @@ def _ffmpeg_metadata(metadata: Optional[Dict[str, object]]) -> list:
     return out + (["-metadata", f"title={title}"] if title else [])
 
 
-def _save_gif(frames, path: Path, fps: float, metadata) -> Path:
+def _save_gif(frames, path: Path, fps: float, metadata, replace: bool) -> Path:
     imgs = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
     extra = {"comment": json.dumps({str(k): str(v) for k, v in metadata.items()})} if metadata else {}
     duration = int(round(1000 / fps))
-    with atomic_output(path, size_hint=estimate_output_bytes(path, *imgs[0].size, len(imgs))) as tmp:
+    with atomic_output(path, size_hint=estimate_output_bytes(path, *imgs[0].size, len(imgs)), replace=replace) as tmp:
         imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=duration, loop=0, **extra)
         _check_gif(tmp, path, imgs[0].size, len(imgs) * duration, len(imgs))
     return path
@@ -409,11 +409,11 @@ def _check_gif(tmp: Path, dest: Path, size: Tuple[int, int], total_ms: int, coun
                          "was sent; nothing was saved")
 
 
-def _save_png_frames(frames, path: Path, metadata) -> Path:
+def _save_png_frames(frames, path: Path, metadata, replace: bool) -> Path:
     frames = iter(frames)
     first = np.asarray(next(frames), dtype=np.uint8)
     h, w = first.shape[:2]
-    with atomic_output(path, is_dir=True, size_hint=estimate_output_bytes(path, w, h)) as tmp:
+    with atomic_output(path, is_dir=True, size_hint=estimate_output_bytes(path, w, h), replace=replace) as tmp:
         for i, f in enumerate(itertools.chain([first], frames)):
             name = f"frame_{i:05d}.png"
             _write_image(Image.fromarray(np.asarray(f, dtype=np.uint8)), tmp / name, path / name, metadata)

@@ -211,11 +211,13 @@ class LancePipeline:
         for chunk in self._require_vae().decode_stream(latents):
             yield from to_uint8(np.array(chunk[0]))
 
-    def save(self, latents: mx.array, path, fps: float = 12.0, metadata: Optional[Dict[str, Any]] = None) -> Path:
-        """Decode and write atomically: an image file for one frame, else a video written frame by frame."""
+    def save(self, latents: mx.array, path, fps: float = 12.0, metadata: Optional[Dict[str, Any]] = None,
+             replace: bool = False) -> Path:
+        """Decode and write atomically: an image file for one frame, else a video written frame by frame.
+        `replace` lets an earlier output of this tool at `path` be replaced (media.atomic_output)."""
         if latents.shape[1] == 1 and Path(path).suffix.lower() in IMAGE_SUFFIXES:
-            return save_image(Image.fromarray(self.decode(latents)[0]), path, metadata)
-        return save_video(self.iter_frames(latents), path, fps=fps, metadata=metadata)
+            return save_image(Image.fromarray(self.decode(latents)[0]), path, metadata, replace=replace)
+        return save_video(self.iter_frames(latents), path, fps=fps, metadata=metadata, replace=replace)
 
     # -------------------------------------------------------------------------------------------- understanding
     def answer(self, request: Understand) -> U.TextStream:

@@ -95,7 +95,7 @@ def test_force_replaces_only_own_outputs(tmp_path):
     frames = media.save_video([np.zeros((8, 8, 3), np.uint8)] * 2, tmp_path / "frames", metadata=own_meta)
     assert media.is_own_output(frames)
     media.save_video([np.ones((8, 8, 3), np.uint8)] * 3, media.check_output(frames, ("frames",), force=True),
-                     metadata={"software": "lance-mlx"})
+                     metadata={"software": "lance-mlx"}, replace=True)
     assert len(list(frames.iterdir())) == 3 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     clip = media.save_video([np.zeros((16, 16, 3), np.uint8)] * 2, tmp_path / "c.mp4", metadata=own_meta)
     assert media.is_own_output(clip)
