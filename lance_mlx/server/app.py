@@ -23,8 +23,8 @@ from ..checkpoints import IMAGE_LLM_DIR, TASKS, VIDEO_LLM_DIR, checkpoint_kind_f
 from ..errors import InvalidRequestError, InvalidTypeError, LanceError
 from ..processing import ASPECT_RATIOS, PRESETS, bucket_table
 from . import schemas, views
-from .history import History
-from .jobs import Engine, Job, QueueFull
+from .history import History, StorageError
+from .jobs import Engine, Job, QueueFull, Unavailable
 from .schemas import ApiError, Fields, Parsed, Upload
 from .settings import HISTORY_PAGE, ServerConfig
 
@@ -136,6 +136,10 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     async def _lance_error(request, e: LanceError):
         return _error_response(lance_error(e))
 
+    @app.exception_handler(StorageError)
+    async def _storage_error(request, e: StorageError):
+        return _error_response(ApiError(507, str(e), "server_error", code=e.code))
+
     @app.exception_handler(BodyTooLarge)
     async def _body_too_large(request, e):
         return _error_response(_too_large(config.max_body_bytes))
@@ -183,14 +187,22 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         raise ApiError(415, f"unsupported content type {ctype!r}: send application/json or multipart/form-data",
                        code="unsupported_media_type")
 
-    def submit(parsed: Parsed) -> Job:
+    def _submit(parsed: Parsed) -> Job:
         job = Job(parsed.object, parsed.request, parsed.settings, _model_name(parsed.request.checkpoint),
                   n=parsed.n)
+        engine().check_text(job)
         try:
             return engine().submit(job)
         except QueueFull as e:
             raise ApiError(429, "the job queue is full; retry later", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        except Unavailable as e:  # 507 Insufficient Storage: the history or the output disk cannot be written
+            raise ApiError(507, f"this server cannot take jobs now: {e.reason['message']}", "server_error",
+                           code=e.reason["code"]) from None
+
+    async def submit(parsed: Parsed) -> Job:
+        """Count the text's tokens and queue the job, off the event loop (a long text takes seconds to count)."""
+        return await run_in_threadpool(_submit, parsed)
 
     async def finished(job: Job, request: Optional[Request] = None) -> Job:
         """Wait for the job's end; with `request`, cancel the job if its client goes away first (a closed curl or
@@ -215,7 +227,8 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             return ApiError(409, f"job {job.id} was cancelled", code="cancelled")
         err = job.error or {}
         # 507: the output folder's disk is full (media.check_free_space / a failed write), else a bug: 500
-        status = {"invalid_request": 400, "output_error": 507, "write_error": 507}.get(err.get("code"), 500)
+        status = {"invalid_request": 400, "output_error": 507, "write_error": 507, "storage_full": 507,
+                  "storage_error": 507}.get(err.get("code"), 500)
         return ApiError(status, err.get("message", "the job failed"), "invalid_request_error" if status == 400
                         else "server_error", err.get("param") if status == 400 else None, err.get("code"))
 
@@ -239,9 +252,13 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     @app.get("/health")
     async def health():
         e = engine()
+        reason = await run_in_threadpool(e.health) if e.degraded or not e.alive else None
         running = e.running
-        return {"status": "ok", "resident": e.resident, "running": running.id if running else None,
-                "queued": e.queued}
+        out = {"status": "ok" if reason is None else "degraded", "resident": e.resident,
+               "running": running.id if running else None, "queued": e.queued}
+        if reason is not None:  # 503: a load balancer or supervisor sees that jobs cannot run now, and why
+            return JSONResponse({**out, "reason": reason}, status_code=503)
+        return out
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -281,7 +298,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         return await image_result(parsed, request)
 
     async def image_result(parsed: Parsed, request: Request):
-        job = await finished(submit(parsed), request)
+        job = await finished(await submit(parsed), request)
         if job.status != "completed":
             raise failure(job)
         return await run_in_threadpool(views.images_response, job, config, parsed.response_format,
@@ -293,7 +310,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         parsed = await run_in_threadpool(schemas.chat, fields, config)
         include_usage = isinstance(fields.values.get("stream_options"), dict) and bool(
             fields.values["stream_options"].get("include_usage"))
-        job = submit(parsed)
+        job = await submit(parsed)
         if not parsed.stream:
             await finished(job, request)
             if job.status != "completed":
@@ -322,7 +339,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     async def queue_job(request: Request, parse) -> Dict[str, Any]:
         """Parse a job body with `parse` (off the event loop: it decodes media), queue it, answer its job object."""
         fields, files = await body(request)
-        job = submit(await run_in_threadpool(parse, fields, files, config))
+        job = await submit(await run_in_threadpool(parse, fields, files, config))
         return views.job_object(job.record(), engine().position(job))
 
     @app.post("/v1/videos")
