@@ -55,7 +55,7 @@ def test_image_generation_b64_and_url(served):
 
     r = client.post("/v1/images/generations", json={"prompt": PROMPT, **H.FAST, "response_format": "url"})
     url = r.json()["data"][0]["url"]
-    assert url.startswith("http://testserver/v1/jobs/")
+    assert url.startswith("http://localhost/v1/jobs/")
     png = client.get(url)
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).size == (32, 32)

@@ -292,11 +292,11 @@ class Engine:
         except StorageError as e:
             self.degraded = _storage_reason(e)
             return self._finish(job, "failed", self.degraded)
-        except OutputError as e:
+        except OutputError as e:  # a write that hit a full disk degrades the server; a refused estimate does not
             if _out_of_space(e):
                 self.degraded = _storage_reason(storage_error(e, "writing the output"))
                 return self._finish(job, "failed", self.degraded)
-            return self._finish(job, "failed", {"code": _snake(e), "message": str(e), "param": None})
+            return self._finish(job, "failed", {"code": _snake(e), "message": str(e), "param": e.param})
         except OSError as e:  # the disk failed under a write that is not ours to wrap (decoder, cache)
             if _out_of_space(e):
                 self.degraded = _storage_reason(storage_error(e, "writing the output"))
@@ -423,9 +423,9 @@ def _storage_reason(e: StorageError) -> Dict[str, str]:
 
 
 def _out_of_space(e: BaseException) -> bool:
-    """Whether an error (or what caused it) is a full disk."""
+    """Whether an error (or what caused it) is a write that found the disk full."""
     while e is not None:
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "not enough space" in str(e):
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(e).lower():
             return True
         e = e.__cause__ or e.__context__
     return False
