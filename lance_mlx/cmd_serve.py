@@ -72,7 +72,6 @@ def main(argv=None) -> int:
     import uvicorn
 
     from .server import create_app
-
     from .server.guard import is_loopback
     from .server.lock import FolderInUse, OutputLock
 
