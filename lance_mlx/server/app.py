@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..checkpoints import IMAGE_LLM_DIR, TASKS, VIDEO_LLM_DIR, checkpoint_kind_for
 from ..errors import InvalidRequestError, InvalidTypeError, LanceError
 from ..processing import ASPECT_RATIOS, PRESETS, bucket_table
-from . import schemas, views
+from . import chat, schemas, views
 from .guard import BodyTooLarge, Guard, Signer, allowed_hosts, form_allowed, too_large
 from .history import History, StorageError
 from .jobs import Engine, Job, QueueFull, Unavailable
@@ -168,7 +168,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
 
     def _submit(parsed: Parsed) -> Job:
         job = Job(parsed.object, parsed.request, parsed.settings, _model_name(parsed.request.checkpoint),
-                  n=parsed.n)
+                  n=parsed.n, texts=parsed.texts, stop=parsed.stop)
         engine().check_text(job)
         try:
             return engine().submit(job)
@@ -286,7 +286,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         fields, _ = await body(request)
-        parsed = await run_in_threadpool(schemas.chat, fields, config)
+        parsed = await run_in_threadpool(chat.chat, fields, config)
         include_usage = isinstance(fields.values.get("stream_options"), dict) and bool(
             fields.values["stream_options"].get("include_usage"))
         job = await submit(parsed)

@@ -14,7 +14,7 @@ import time
 from typing import Dict, Iterable, Optional, Tuple
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from .schemas import ApiError
+from .fields import ApiError
 
 PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # no API key needed: no data behind them
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, List, Optional
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from ..tasks import Request
 
@@ -65,6 +65,8 @@ class Job:
     settings: Dict[str, Any]
     model: str
     n: int = 1
+    texts: Tuple[str, ...] = ()  # every text the token limit counts (default: the request's text)
+    stop: Tuple[str, ...] = ()  # chat: the answer ends before the first of these
     id: str = ""
     status: str = "queued"
     progress: int = 0

@@ -21,6 +21,7 @@ from ..media import SOFTWARE, check_free_space, estimate_output_bytes
 from ..tasks import ImageEdit, TextToImage, Understand
 from .history import History, StorageError, storage_error
 from .job import EventLog, Job  # noqa: F401  (EventLog: re-exported for the routes and tests)
+from .redact import redact
 from .settings import ServerConfig
 
 log = logging.getLogger("lance_mlx.server")
@@ -30,6 +31,7 @@ log = logging.getLogger("lance_mlx.server")
 FULL_TASK = {"image": "image_edit", "video": "video_edit"}
 STOPPED = "the server stopped before this job could finish"
 DENOISE_SHARE = 95  # progress (percent) reached when the last denoising step is done; decoding takes the rest
+OUTPUT_FORMATS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}  # an image job's output_format -> its file
 MAX_UNSAVED = 1000  # finished jobs kept in memory while the history cannot be written
 MIN_FREE_BYTES = 8 * 2**20  # a degraded server takes jobs again once its output disk has this much free
 
@@ -175,7 +177,7 @@ class Engine:
         from ..tasks import check_token_count
 
         request = job.request
-        texts = [t for t in (request.text, getattr(request, "system_prompt", None)) if t]
+        texts = [t for t in (job.texts or (request.text, getattr(request, "system_prompt", None))) if t]
         if not texts:
             return
         tokenizer = self._text_tokenizer(request.checkpoint or self.resident or "image")
@@ -185,7 +187,7 @@ class Engine:
         with self._tokenizer_lock:
             counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         try:
-            check_token_count(sum(counts), "chat's text (system and user messages together)" if len(texts) > 1
+            check_token_count(sum(counts), "chat's text (every message's text together)" if len(texts) > 1
                               else request.text_field if request.text else "system prompt")
         except InvalidRequestError as e:
             raise InvalidRequestError(str(e), param) from None
@@ -319,6 +321,8 @@ class Engine:
         cannot be written (the job then fails with the storage error and keeps no outputs)."""
         if status != "completed":
             self._drop_outputs(job)  # a cancelled or failed job keeps nothing (n > 1: its first images too)
+        if error is not None:
+            error = {**error, "message": redact(str(error.get("message", "")))}
         job.status, job.error, job.completed_at = status, error, int(time.time())
         if status == "completed":
             job.progress = 100
@@ -377,7 +381,8 @@ class Engine:
             job.events.emit({"type": "prepare", "index": i})
             plan = pipe.plan(r)
             t, h, w = plan.latent_shape
-            name = f"{job.id}-{i}.png" if image else f"{job.id}-{i}.mp4"
+            suffix = OUTPUT_FORMATS[job.settings.get("output_format", "png")] if image else ".mp4"
+            name = f"{job.id}-{i}{suffix}"
             path = self.config.outputs / name
             check_free_space(path, estimate_output_bytes(path, 16 * w, 16 * h, 4 * (t - 1) + 1))  # before the work
             latents = None
@@ -404,16 +409,29 @@ class Engine:
         job.events.emit({"type": "loading", "checkpoint": request.checkpoint})
         pipe = self._pipeline(request.checkpoint, request.task)
         stream = pipe.answer(request)
-        pieces = []
+        text, sent, stopped = "", 0, False
+        hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string may span pieces: hold back its length
         for piece in stream:
-            pieces.append(piece)
-            job.events.emit({"type": "text", "delta": piece})
+            text += piece
+            if job.stop:
+                cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in job.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, stopped = text[:cut], True
+            ready = len(text) if stopped else len(text) - hold
+            if ready > sent:
+                job.events.emit({"type": "text", "delta": text[sent:ready]})
+                sent = ready
             self._check_cancel(job)
-        r = stream.result
-        job.answer = r.text if r is not None else "".join(pieces)
+            if stopped:
+                break
+        if len(text) > sent:
+            job.events.emit({"type": "text", "delta": text[sent:]})
+        r = stream.result  # None when a stop string ended the answer early
+        job.answer = r.text if r is not None and not job.stop else text
         job.finish_reason = r.finish_reason if r is not None else "stop"
         prompt_tokens = r.prompt_tokens if r is not None else 0
-        completion = r.generated_tokens if r is not None else len(pieces)
+        completion = r.generated_tokens if r is not None else len(pipe.tokenizer(text, add_special_tokens=False)[
+            "input_ids"]) if text else 0
         job.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                      "total_tokens": prompt_tokens + completion}
 

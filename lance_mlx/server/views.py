@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional
 from .jobs import Job
 from .settings import ServerConfig
 
-CONTENT_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp", ".mp4": "video/mp4"}
 Signing = Callable[[str, int], str]  # (job id, output index) -> the query string of a signed link
 
 
@@ -24,13 +24,22 @@ def job_object(record: Dict[str, Any], position: int = 0, sign: Optional[Signing
            "completed_at": record.get("completed_at"), "task": record["task"], "prompt": record.get("prompt"),
            "settings": settings, "error": record.get("error"),
            "outputs": [content_path(record["id"], i, sign) for i in range(len(record.get("outputs") or []))]}
-    if record["object"] == "video":
-        out.update(size=settings.get("size"), seconds=settings.get("seconds"))
+    if record["object"] == "video":  # OpenAI's video object (and vLLM-Omni's): seconds a whole number, as a string
+        out.update(size=settings.get("size") or "auto", seconds=video_seconds(settings), expires_at=None,
+                   remixed_from_video_id=None)
     if record["object"] == "chat.completion":
         out["answer"] = record.get("answer")
     if position:
         out["queue_position"] = position
     return out
+
+
+def video_seconds(settings: Dict[str, Any]) -> str:
+    """The clip's length in whole seconds (at least 1), from its frame count and fps."""
+    frames, fps = settings.get("num_frames"), settings.get("fps") or 0
+    if not frames or fps <= 0:
+        return str(settings.get("seconds") or "1").split(".")[0] or "1"
+    return str(max(1, round(frames / fps)))
 
 
 def content_path(job_id: str, index: int, sign: Optional[Signing] = None) -> str:
@@ -49,7 +58,10 @@ def images_response(job: Job, config: ServerConfig, response_format: str, base_u
         else:
             item["b64_json"] = base64.b64encode((config.outputs / name).read_bytes()).decode("ascii")
         data.append(item)
-    return {"created": job.created_at, "data": data}
+    out = {"created": job.created_at, "data": data, "output_format": job.settings.get("output_format", "png")}
+    if job.settings.get("size"):
+        out["size"] = job.settings["size"]
+    return out
 
 
 def chat_response(job: Job) -> Dict[str, Any]:
