@@ -23,6 +23,7 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
                  code: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
         message = redact(message)
+        param = clip(param.encode("utf-8", "backslashreplace").decode(), 64) if param else param
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers

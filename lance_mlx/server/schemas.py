@@ -158,12 +158,14 @@ def edit_preset(f: Fields, config: ServerConfig, kind: str, default: str) -> str
 
 def frames(f: Fields, config: ServerConfig, fps: float) -> int:
     """`num_frames` (4k+1), else OpenAI's `seconds` at `fps` rounded to the nearest 4k+1."""
-    if f.has("num_frames"):
-        n = f.integer("num_frames", VIDEO_FRAMES, 1, 10**6)
-    elif f.has("seconds"):
+    seconds = None
+    if f.has("seconds"):  # checked even when num_frames decides
         seconds = f.number("seconds") if not isinstance(f.values["seconds"], str) else _seconds(f.values["seconds"])
         if not 0 < seconds <= 3600:
             raise InvalidRequestError(f"seconds must be in (0, 3600], got {seconds:g}", "seconds")
+    if f.has("num_frames"):
+        n = f.integer("num_frames", VIDEO_FRAMES, 1, 10**6)
+    elif seconds is not None:
         n = FRAME_STRIDE * round(seconds * fps / FRAME_STRIDE) + 1
         if n > config.max_frames:
             longest = (config.max_frames - 1) / fps
