@@ -400,9 +400,27 @@ class Engine:
             if not image:
                 meta.update(frames=4 * (t - 1) + 1, fps=fps)
             self.config.outputs.mkdir(parents=True, exist_ok=True)
-            pipe.save(latents.reshape(1, t, h, w, -1), path, fps=fps, metadata=meta)
+            self._save(job, pipe, latents.reshape(1, t, h, w, -1), path, fps, meta)
             job.outputs.append(name)
             self.history.update(job.id, outputs=job.outputs)
+
+    def _save(self, job: Job, pipe, latents, path: Path, fps: float, meta: Dict[str, Any]) -> None:
+        """Decode and write one output (pipeline.save's two paths), a video checked for cancel between VAE chunks:
+        a cancel during a long decode stops it there, and media's atomic write leaves nothing behind."""
+        from PIL import Image
+
+        from ..media import IMAGE_SUFFIXES, save_image, save_video
+
+        if latents.shape[1] == 1 and path.suffix in IMAGE_SUFFIXES:
+            save_image(Image.fromarray(pipe.decode(latents)[0]), path, meta)
+            return
+
+        def frames():
+            for frame in pipe.iter_frames(latents):
+                self._check_cancel(job)
+                yield frame
+
+        save_video(frames(), path, fps=fps, metadata=meta)
 
     def _answer(self, job: Job) -> None:
         request = job.request
