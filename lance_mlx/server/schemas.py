@@ -95,6 +95,7 @@ def size(f: Fields, config: ServerConfig, kind: str) -> Tuple[int, int]:
     """(width, height) from `size` "WxH", else the upstream bucket of `aspect_ratio` at `resolution`²."""
     default = IMAGE_SIZE if kind == "image" else VIDEO_SIZE
     text = f.text("size")
+    given = [f.integer(k, None, 16, MAX_SIDE) for k in ("width", "height")]  # checked even when size wins
     if text not in (None, "auto") and (f.has("aspect_ratio") or f.has("resolution")):
         raise InvalidRequestError("give size, or aspect_ratio and resolution, not both", "size")
     if text not in (None, "auto"):
@@ -102,7 +103,7 @@ def size(f: Fields, config: ServerConfig, kind: str) -> Tuple[int, int]:
     elif f.has("width") or f.has("height"):
         if not (f.has("width") and f.has("height")):
             raise InvalidRequestError("give both width and height (or size WIDTHxHEIGHT)", "width")
-        w, h = f.integer("width", None, 16, MAX_SIDE), f.integer("height", None, 16, MAX_SIDE)
+        w, h = given
     elif f.has("aspect_ratio"):
         aspect = f.choice("aspect_ratio", ASPECT_RATIOS)
         resolution = f.integer("resolution", DEFAULT_RESOLUTION[kind], 64, 1024)
