@@ -183,3 +183,19 @@ def test_full_disk_then_freed(upstream_root, tmp_path):
             r = client.post("/v1/videos", json={"prompt": "w", "size": "32x32", "num_frames": 5, "steps": 1})
             assert r.status_code == 200, r.text
             assert H.wait_done(client, r.json()["id"])[-1]["status"] == "completed"
+
+
+def test_a_dead_worker_is_reported_not_hidden(upstream_root, tmp_path):
+    """Should the worker thread ever end, /health says so and new jobs get 503 instead of waiting forever."""
+    client, _ = H.make_client(upstream_root, tmp_path / "o")
+    with client:
+        engine = client.app.state.server["engine"]
+        with engine._cond:  # end the loop the way only a stop would, without the stop's flag
+            engine._stopping = True
+            engine._cond.notify_all()
+        engine._thread.join(10)
+        engine._stopping = False
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["reason"]["code"] == "worker_stopped"
+        assert error_of(client.post("/v1/images/generations", json={"prompt": "x", **H.FAST}), 503)["code"] == \
+            "worker_stopped"

@@ -176,7 +176,8 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             raise ApiError(429, "the job queue is full; retry later", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
         except Unavailable as e:  # 507 Insufficient Storage: the history or the output disk cannot be written
-            raise ApiError(507, f"this server cannot take jobs now: {e.reason['message']}", "server_error",
+            status = 503 if e.reason["code"] == "worker_stopped" else 507
+            raise ApiError(status, f"this server cannot take jobs now: {e.reason['message']}", "server_error",
                            code=e.reason["code"]) from None
 
     async def submit(parsed: Parsed) -> Job:
