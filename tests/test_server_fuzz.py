@@ -99,6 +99,7 @@ def test_generated_bad_bodies_never_get_a_500(client):
             err = r.json()["error"]
             assert err["message"] and err["type"], (route, what, r.text)
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert client.get("/health").status_code == 200, (route, what)
     print(f"{len(all_cases)} bodies: {dict(sorted(statuses.items()))}")
     assert statuses.get(400, 0) > 0.8 * len(all_cases)
     assert client.get("/health").json()["status"] == "ok"
