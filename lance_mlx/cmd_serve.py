@@ -27,6 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network, "
                         "use --api-key then)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host is NAME (repeatable; '*' for any). By default only "
+                        "localhost, 127.0.0.1, ::1 and --host are answered, so a web page cannot reach the server "
+                        "through a DNS name it controls")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route except /health and the page itself")
     s.add_argument("--output-dir", type=Path, default=Path("lance-outputs"),
@@ -58,7 +62,8 @@ def build_config(args):
         raise SystemExit(f"error: --port must be in [0, 65535], got {args.port}")
     return ServerConfig(model=args.model, video_model=args.video_model, output_dir=args.output_dir, dtype=args.dtype,
                         compute_dtype=args.compute_dtype,
-                        api_key=args.api_key, max_queue=args.max_queue, allow_local_files=args.allow_local_files,
+                        api_key=args.api_key, host=args.host, allowed_hosts=tuple(args.allow_host),
+                        max_queue=args.max_queue, allow_local_files=args.allow_local_files,
                         max_body_bytes=args.max_body_mb * 2**20, max_steps=args.max_steps,
                         max_pixels=args.max_pixels, max_frames=args.max_frames, max_images=args.max_images)
 
@@ -67,12 +72,25 @@ def main(argv=None) -> int:
     import uvicorn
 
     from .server import create_app
+    from .server.guard import is_loopback
+    from .server.lock import FolderInUse, OutputLock
 
     args = parse_args(argv)
     config = build_config(args)
+    try:  # before the port is bound and before any clean-up: a second server on this folder changes nothing
+        lock = OutputLock(config.output_dir, args.port).acquire()
+    except (FolderInUse, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"lance-mlx server on http://{args.host}:{args.port}/ (outputs and history in {config.output_dir})",
           file=sys.stderr)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"warning: --host {args.host} opens the server to the network without --api-key: anyone who can reach "
+              "this port can run jobs and read every output", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(config, lock=lock), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        lock.release()
     return 0
 
 

@@ -21,6 +21,7 @@ from lance_mlx.server.settings import ServerConfig
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = "32x32"  # 2x2 latents: the smallest output the tiny model makes in a few milliseconds
 FAST = {"steps": 1, "size": SIZE}
+BASE_URL = "http://localhost"  # a Host name the server answers to (guard.allowed_hosts)
 _PIPELINES = {}
 
 
@@ -36,7 +37,7 @@ def make_client(upstream_root, out, **overrides):
     from lance_mlx.server import create_app
 
     cfg = config(upstream_root, out, **overrides)
-    return TestClient(create_app(cfg, cached_loader(cfg))), cfg
+    return TestClient(create_app(cfg, cached_loader(cfg)), base_url=BASE_URL), cfg
 
 
 def running_client(upstream_root, out, **overrides):

@@ -47,7 +47,8 @@ def test_image_generation_b64_and_url(served):
     r = client.post("/v1/images/generations", json={"prompt": PROMPT, **H.FAST, "n": 2, "seed": 5})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"created", "data"} and len(body["data"]) == 2
+    assert set(body) == {"created", "data", "output_format", "size"} and len(body["data"]) == 2
+    assert body["output_format"] == "png" and body["size"] == "32x32"
     images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in body["data"]]
     assert all(im.size == (32, 32) for im in images) and body["data"][0]["revised_prompt"] == PROMPT
     assert [im.text["seed"] for im in images] == ["5", "6"]  # n images: consecutive seeds
@@ -57,7 +58,7 @@ def test_image_generation_b64_and_url(served):
 
     r = client.post("/v1/images/generations", json={"prompt": PROMPT, **H.FAST, "response_format": "url"})
     url = r.json()["data"][0]["url"]
-    assert url.startswith("http://testserver/v1/jobs/")
+    assert url.startswith("http://localhost/v1/jobs/")
     png = client.get(url)
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).size == (32, 32)

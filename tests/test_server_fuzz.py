@@ -99,6 +99,7 @@ def test_generated_bad_bodies_never_get_a_500(client):
             err = r.json()["error"]
             assert err["message"] and err["type"], (route, what, r.text)
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        assert client.get("/health").status_code == 200, (route, what)
     print(f"{len(all_cases)} bodies: {dict(sorted(statuses.items()))}")
     assert statuses.get(400, 0) > 0.8 * len(all_cases)
     assert client.get("/health").json()["status"] == "ok"
@@ -109,3 +110,96 @@ def test_generated_bad_bodies_never_get_a_500(client):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert client.post("/v1/images/generations", json={"prompt": "still fine", **H.FAST}).status_code == 200
+
+
+# ------------------------------------------------------------------------------------ families of known failures
+TEXT_FIELDS = {"/v1/images/generations": "prompt", "/v1/videos": "prompt", "/v1/jobs": "prompt",
+               "/v1/images/edits": "prompt"}
+BAD_CHARS = ["\ud800", "\udfff", "\x00", "\x1b", "\x7f", "a\x00b", "\x08", "\ufeff\ud83d"]
+UNICODE_NUMBERS = ["²", "３２", "١٢", "1_0", "1__0", "_1", "1_", "1e1_0", "⁴", "Ⅻ", "٣٢x٣٢", "²x²", "3_2x32", "32x3_2"]
+SMALL_FPS = [1e-300, 1e-9, 0.001, 0.5, 0.999, -1, 0]
+HOSTILE_HEADERS = [{"host": "evil.example"}, {"host": "evil.example:8000"}, {"host": "127.0.0.1.evil.example"},
+                   {"origin": "http://evil.example"}, {"origin": "null"}, {"origin": "http://localhost:1"},
+                   {"origin": "file://"}]
+
+
+def families():
+    """(route, request kwargs, statuses allowed, what) of each family the server once failed on."""
+    out = []
+    for route, field in TEXT_FIELDS.items():
+        base = {"task": "t2i"} if route == "/v1/jobs" else {}
+        for ch in BAD_CHARS:
+            for body in ({**base, field: f"x{ch}y", "size": "32x32"}, {**base, f"k{ch}": 1, field: "x"}):
+                raw = json.dumps(body, ensure_ascii=True).encode()  # escapes survive as lone surrogates
+                out.append((route, {"content": raw, "headers": {"content-type": "application/json"}}, {400},
+                            f"character {ch!r}"))
+    chat = json.loads(json.dumps(ROUTES["/v1/chat/completions"]))
+    for ch in BAD_CHARS:
+        for role, content in (("system", f"be{ch}brief"), ("assistant", f"a{ch}"), ("user", f"q{ch}")):
+            body = {**chat, "messages": [{"role": role, "content": content}] + chat["messages"]}
+            out.append(("/v1/chat/completions", {"content": json.dumps(body).encode(),
+                                                 "headers": {"content-type": "application/json"}}, {400},
+                        f"chat {role} {ch!r}"))
+    for text in UNICODE_NUMBERS:
+        out.append(("/v1/images/generations", {"json": {"prompt": "x", "steps": 1, "size": text}}, {400},
+                    f"size {text!r}"))
+        for field in ("steps", "seed", "n", "fps", "seconds", "num_frames", "width", "guidance_scale"):
+            out.append(("/v1/videos", {"data": {"prompt": "x", "size": "32x32", "num_frames": "5", field: text}},
+                        {400}, f"form {field}={text!r}"))
+    for fps in SMALL_FPS:
+        out.append(("/v1/videos", {"json": {"prompt": "x", "size": "32x32", "num_frames": 5, "steps": 1,
+                                            "fps": fps}}, {400}, f"fps {fps}"))
+        out.append(("/v1/videos", {"data": {"prompt": "x", "size": "32x32", "num_frames": "5", "fps": repr(fps)}},
+                    {400}, f"form fps {fps}"))
+    for w, h in ((400, 100), (100, 400), (640, 64), (33, 1000)):
+        for resolution in (1024, 1000, 960, 900):
+            body = {"prompt": "x", "num_frames": 5, "steps": 1, "resolution": resolution,
+                    "input_reference": H.data_url(H.png_bytes(size=(w, h)))}
+            out.append(("/v1/videos", {"json": body}, {400}, f"i2v {w}x{h} at {resolution}"))
+    for field in ("size", "prompt", "x" * 100000):
+        body = {"prompt": "x", "steps": 1, "size": "32x32", field: {"z": "Q" * 300000}} if field != "prompt" else {
+            "prompt": ["Q" * 300000]}
+        out.append(("/v1/images/generations", {"json": body}, {400}, f"huge {field[:10]}"))
+    for headers in HOSTILE_HEADERS:
+        for route in ("/v1/images/generations", "/v1/videos", "/v1/chat/completions"):
+            out.append((route, {"json": {"prompt": "x", **H.FAST}, "headers": headers}, {403, 421},
+                        f"headers {headers}"))
+        out.append(("/v1/videos", {"data": {"prompt": "x"}, "headers": {**headers, "sec-fetch-site": "cross-site"}},
+                    {403, 421}, f"form {headers}"))
+    for route in ("/v1/images/generations", "/v1/chat/completions"):
+        out.append((route, {"data": {"prompt": "x", "steps": "1"}}, {415}, "form on a JSON route"))
+    vllm = {"prompt": "x", "num_frames": 5, "num_inference_steps": 1}
+    for extra in ({"width": 32}, {"height": 32}, {"width": -32, "height": 32}, {"width": 2048, "height": 16},
+                  {"width": "32", "height": [32]}, {"video_params": [1]}, {"video_params": {"depth": 3}},
+                  {"video_params": {"width": 99999, "height": 1}}, {"image_reference": {"file_id": "f"}},
+                  {"image_reference": {"image_url": "file:///etc/passwd"}}, {"image_reference": "x"},
+                  {"num_inference_steps": 0}, {"guidance_scale": "high"}, {"seed": -1}):
+        out.append(("/v1/videos", {"json": {**vllm, **extra}}, {400}, f"vllm {extra!r:.60}"))
+    for extra in ({"stop": [1]}, {"stop": [""]}, {"stop": ["a"] * 5}, {"stop": {"a": 1}},
+                  {"response_format": {"type": "json_object"}}, {"response_format": {"type": "json_schema"}},
+                  {"response_format": "xml"}, {"n": 2}):
+        out.append(("/v1/chat/completions", {"json": {**chat, **extra}}, {400}, f"chat {extra!r:.60}"))
+    for fmt in ("gif", "svg", "JPEG", "", 1, None):
+        if fmt is not None:
+            out.append(("/v1/images/generations", {"json": {"prompt": "x", **H.FAST, "output_format": fmt}}, {400},
+                        f"output_format {fmt!r}"))
+    long_system = {**chat, "messages": [{"role": "system", "content": "lighthouse " * 4500}] + chat["messages"]}
+    out.append(("/v1/chat/completions", {"json": long_system}, {400}, "a long system message"))
+    clip = H.data_url(H.png_bytes(), "video/mp4")
+    out.append(("/v1/videos", {"json": {"prompt": "x", "num_frames": 5, "steps": 1, "video": clip}}, {400},
+                "an image as a video"))
+    return out
+
+
+def test_families_of_known_failures(client):
+    all_cases = families()
+    assert len(all_cases) >= 300
+    for route, kwargs, allowed, what in all_cases:
+        r = client.post(route, **kwargs)
+        assert r.status_code in allowed, f"{route} {what}: {r.status_code} {r.text[:300]}"
+        err = r.json()["error"]
+        assert err["message"] and len(r.content) < 3000, (route, what, len(r.content))
+        assert "/tmp/" not in r.text and "0x7f" not in r.text.lower(), (route, what, r.text[:300])
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok", (route, what, health.text)
+    assert client.app.state.server["engine"]._thread.is_alive()

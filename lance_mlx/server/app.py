@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -22,70 +20,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..checkpoints import IMAGE_LLM_DIR, TASKS, VIDEO_LLM_DIR, checkpoint_kind_for
 from ..errors import InvalidRequestError, InvalidTypeError, LanceError
 from ..processing import OUTPUT_ASPECT_RATIOS, PRESETS, output_size
-from . import schemas, views
-from .history import History
-from .jobs import Engine, Job, QueueFull
+from . import chat, schemas, views
+from .guard import BodyTooLarge, Guard, Signer, allowed_hosts, form_allowed, too_large
+from .history import History, StorageError
+from .jobs import Engine, Job, QueueFull, Unavailable
+from .lock import OutputLock
 from .schemas import ApiError, Fields, Parsed, Upload
 from .settings import HISTORY_PAGE, ServerConfig
 
 log = logging.getLogger("lance_mlx.server")
 STATIC = Path(__file__).parent / "static"
-PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # no API key needed: no data behind them
 PRESET_RESOLUTIONS = (256, 384, 480, 512, 640, 768, 1024)  # areas offered by the page's aspect-ratio presets
 MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 64
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 HEARTBEAT_S = 4.0  # an event stream waiting in the queue sends a comment this often (httpx times out after 5 s)
 DISCONNECT_POLL_S = 0.5  # how often a waiting synchronous request checks that its client is still there
 INTERRUPTED = "the server stopped while this job was queued or running (restart, crash or kill)"
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class Guard:
-    """ASGI middleware in front of every route: the API key and the body-size limit."""
-
-    def __init__(self, app, api_key: Optional[str], max_body: int):
-        self.app, self.key, self.max_body = app, api_key, max_body
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        path = scope.get("path", "")
-        if self.key and path not in PUBLIC_PATHS and not path.startswith("/static/"):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + self.key.encode()):
-                return await _reply(send, ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                                                   code="invalid_api_key"))
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await _reply(send, ApiError(400, "bad Content-Length header"))
-            if int(length) > self.max_body:
-                return await _reply(send, _too_large(self.max_body))
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_body:
-                raise BodyTooLarge
-            return message
-
-        return await self.app(scope, counted, send)
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body is above this server's limit of {limit // 2**20} MiB", code="too_large")
-
-
-async def _reply(send, error: ApiError) -> None:
-    body = json.dumps(error.body()).encode()
-    await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -99,12 +49,27 @@ def lance_error(e: LanceError) -> ApiError:
     return ApiError(500, str(e), "server_error", e.param, type(e).__name__)
 
 
-def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = None) -> FastAPI:
-    """The app of one server: its history, worker and routes. `loader(kind)` builds a pipeline (tests pass one)."""
+def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = None,
+               lock: Optional[OutputLock] = None) -> FastAPI:
+    """The app of one server: its history, worker and routes. `loader(kind)` builds a pipeline (tests pass one).
+    `lock`: the output folder's lock, already held by the caller (serve.py takes it before binding its port);
+    without it the app takes its own at start-up (FolderInUse when another server holds it)."""
     state: Dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        own = lock is None
+        held = lock if lock is not None else OutputLock(config.output_dir).acquire()
+        try:
+            async with serving():
+                yield
+        finally:
+            if own:
+                held.release()
+
+    @contextlib.asynccontextmanager
+    async def serving():
+        """Only under the folder's lock: clean what a killed server left, then run the worker."""
         config.outputs.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(config.scratch, ignore_errors=True)  # scratch copies of uploaded videos
         for prefix in (".img_", ".video_"):  # partial writes of our jobs (media.atomic_output) a killed process left
@@ -124,7 +89,11 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             history.close()
 
     app = FastAPI(title="lance-mlx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_body_bytes)
+    signer = Signer()
+    hosts, any_ip = allowed_hosts(config.host, config.allowed_hosts)
+    app.add_middleware(Guard, api_key=config.api_key, max_body=config.max_body_bytes, hosts=hosts, any_ip_host=any_ip,
+                       signer=signer)
+    sign = signer.query if config.api_key else None  # a keyed server's output links carry a signature
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # -------------------------------------------------------------------------------------------- errors
@@ -136,9 +105,13 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     async def _lance_error(request, e: LanceError):
         return _error_response(lance_error(e))
 
+    @app.exception_handler(StorageError)
+    async def _storage_error(request, e: StorageError):
+        return _error_response(ApiError(507, str(e), "server_error", code=e.code))
+
     @app.exception_handler(BodyTooLarge)
     async def _body_too_large(request, e):
-        return _error_response(_too_large(config.max_body_bytes))
+        return _error_response(too_large(config.max_body_bytes))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
@@ -155,15 +128,25 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         return _error_response(ApiError(500, f"internal error: {type(e).__name__}", "server_error"))
 
     # ------------------------------------------------------------------------------------------- helpers
+    def job_object(record: Dict[str, Any], position: int = 0) -> Dict[str, Any]:
+        return views.job_object(record, position, sign)
+
     def engine() -> Engine:
         return state["engine"]
 
     def history() -> History:
         return state["history"]
 
-    async def body(request: Request) -> Tuple[Fields, Dict[str, Upload]]:
+    async def body(request: Request, form: bool = False) -> Tuple[Fields, Dict[str, Upload]]:
+        """The fields of a JSON body, or with `form` (the routes OpenAI takes multipart on, and the page's) of a
+        form body that `guard.form_allowed` lets through."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        if ctype in FORM_TYPES and not form:
+            raise ApiError(415, f"this route takes application/json, not {ctype}", code="unsupported_media_type")
+        if ctype in FORM_TYPES and not form_allowed(request.headers):
+            raise ApiError(403, "form bodies from other web pages are refused: send the form from this server's page, "
+                                "or with an Authorization: Bearer header", code="origin_not_allowed")
+        if ctype in FORM_TYPES:
             try:
                 form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS,
                                           max_part_size=config.max_body_bytes)
@@ -183,14 +166,23 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         raise ApiError(415, f"unsupported content type {ctype!r}: send application/json or multipart/form-data",
                        code="unsupported_media_type")
 
-    def submit(parsed: Parsed) -> Job:
+    def _submit(parsed: Parsed) -> Job:
         job = Job(parsed.object, parsed.request, parsed.settings, _model_name(parsed.request.checkpoint),
-                  n=parsed.n)
+                  n=parsed.n, texts=parsed.texts, stop=parsed.stop)
+        engine().check_text(job)
         try:
             return engine().submit(job)
         except QueueFull as e:
             raise ApiError(429, "the job queue is full; retry later", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        except Unavailable as e:  # 507 Insufficient Storage: the history or the output disk cannot be written
+            status = 503 if e.reason["code"] == "worker_stopped" else 507
+            raise ApiError(status, f"this server cannot take jobs now: {e.reason['message']}", "server_error",
+                           code=e.reason["code"]) from None
+
+    async def submit(parsed: Parsed) -> Job:
+        """Count the text's tokens and queue the job, off the event loop (a long text takes seconds to count)."""
+        return await run_in_threadpool(_submit, parsed)
 
     async def finished(job: Job, request: Optional[Request] = None) -> Job:
         """Wait for the job's end; with `request`, cancel the job if its client goes away first (a closed curl or
@@ -215,7 +207,8 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             return ApiError(409, f"job {job.id} was cancelled", code="cancelled")
         err = job.error or {}
         # 507: the output folder's disk is full (media.check_free_space / a failed write), else a bug: 500
-        status = {"invalid_request": 400, "output_error": 507, "write_error": 507}.get(err.get("code"), 500)
+        status = {"invalid_request": 400, "output_error": 507, "write_error": 507, "storage_full": 507,
+                  "storage_error": 507}.get(err.get("code"), 500)
         return ApiError(status, err.get("message", "the job failed"), "invalid_request_error" if status == 400
                         else "server_error", err.get("param") if status == 400 else None, err.get("code"))
 
@@ -231,7 +224,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     def listing(objects: Optional[tuple], limit: int, after: Optional[str]) -> Dict[str, Any]:
         limit = max(1, min(limit, HISTORY_PAGE))
         rows = history().list(limit + 1, objects, after)
-        data = [views.job_object(r) for r in rows[:limit]]
+        data = [job_object(r) for r in rows[:limit]]
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
 
@@ -239,9 +232,13 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     @app.get("/health")
     async def health():
         e = engine()
+        reason = await run_in_threadpool(e.health) if e.degraded or not e.alive else None
         running = e.running
-        return {"status": "ok", "resident": e.resident, "running": running.id if running else None,
-                "queued": e.queued}
+        out = {"status": "ok" if reason is None else "degraded", "resident": e.resident,
+               "running": running.id if running else None, "queued": e.queued}
+        if reason is not None:  # 503: a load balancer or supervisor sees that jobs cannot run now, and why
+            return JSONResponse({**out, "reason": reason}, status_code=503)
+        return out
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -275,24 +272,24 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
 
     @app.post("/v1/images/edits")
     async def image_edits(request: Request):
-        fields, files = await body(request)
+        fields, files = await body(request, form=True)
         parsed = await run_in_threadpool(schemas.image_edit, fields, files, config)
         return await image_result(parsed, request)
 
     async def image_result(parsed: Parsed, request: Request):
-        job = await finished(submit(parsed), request)
+        job = await finished(await submit(parsed), request)
         if job.status != "completed":
             raise failure(job)
         return await run_in_threadpool(views.images_response, job, config, parsed.response_format,
-                                       str(request.base_url))
+                                       str(request.base_url), sign)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         fields, _ = await body(request)
-        parsed = await run_in_threadpool(schemas.chat, fields, config)
+        parsed = await run_in_threadpool(chat.chat, fields, config)
         include_usage = isinstance(fields.values.get("stream_options"), dict) and bool(
             fields.values["stream_options"].get("include_usage"))
-        job = submit(parsed)
+        job = await submit(parsed)
         if not parsed.stream:
             await finished(job, request)
             if job.status != "completed":
@@ -320,9 +317,9 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
 
     async def queue_job(request: Request, parse) -> Dict[str, Any]:
         """Parse a job body with `parse` (off the event loop: it decodes media), queue it, answer its job object."""
-        fields, files = await body(request)
-        job = submit(await run_in_threadpool(parse, fields, files, config))
-        return views.job_object(job.record(), engine().position(job))
+        fields, files = await body(request, form=True)
+        job = await submit(await run_in_threadpool(parse, fields, files, config))
+        return job_object(job.record(), engine().position(job))
 
     @app.post("/v1/videos")
     async def create_video(request: Request):
@@ -342,11 +339,11 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
 
     @app.get("/v1/videos/{job_id}")
     async def get_video(job_id: str):
-        return views.job_object(*video_record(job_id))
+        return job_object(*video_record(job_id))
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str):
-        return views.job_object(*record(job_id))
+        return job_object(*record(job_id))
 
     def video_record(job_id: str):
         rec, position = record(job_id)
@@ -390,7 +387,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         job = engine().cancel(job_id)
         if job is None:
             raise ApiError(409, f"job {job_id} is already {rec['status']}", param="id", code="not_cancellable")
-        out = views.job_object(job.record())
+        out = job_object(job.record())
         out["cancel_requested"] = True
         return out
 
@@ -401,7 +398,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             rec, _ = record(job_id)
 
             async def replay():
-                yield views.sse({"type": "done", "status": rec["status"], "job": views.job_object(rec)}, "done")
+                yield views.sse({"type": "done", "status": rec["status"], "job": job_object(rec)}, "done")
             return StreamingResponse(replay(), media_type="text/event-stream")
 
         async def follow():
@@ -410,7 +407,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
                     yield ": keep-alive\n\n"
                     continue
                 if event["type"] == "done":
-                    event = {**event, "job": views.job_object(job.record())}
+                    event = {**event, "job": job_object(job.record())}
                 yield views.sse(event, event["type"])
         return StreamingResponse(follow(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

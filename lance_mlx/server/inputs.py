@@ -56,7 +56,7 @@ def from_url(url, param: str, allow_local: bool) -> Media:
         raise InvalidRequestError(f"{param}: this server does not fetch remote URLs; send the file as a base64 data "
                                   "URL", param)
     if parsed.scheme not in ("file", "") or (parsed.scheme == "" and not url):
-        raise InvalidRequestError(f"{param}: unsupported URL scheme {parsed.scheme!r}; use a data URL", param)
+        raise InvalidRequestError(f"{param}: unsupported URL scheme {parsed.scheme[:20]!r}; use a data URL", param)
     if not allow_local:
         raise InvalidRequestError(f"{param}: local files are refused (start the server with --allow-local-files to "
                                   "read them); send the file as a base64 data URL", param)

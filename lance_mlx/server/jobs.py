@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
+import errno
 import gc
 import logging
 import math
+import shutil
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 from .. import checkpoints
 from ..config import MAX_SEED
-from ..errors import InvalidRequestError, InvalidTypeError, LanceError
+from ..errors import InvalidRequestError, InvalidTypeError, LanceError, OutputError
 from ..media import SOFTWARE, check_free_space, estimate_output_bytes
-from ..tasks import ImageEdit, Request, TextToImage, Understand
-from .history import History
+from ..tasks import ImageEdit, TextToImage, Understand
+from .history import History, StorageError, storage_error
+from .job import EventLog, Job  # noqa: F401  (EventLog: re-exported for the routes and tests)
+from .redact import redact
 from .settings import ServerConfig
 
 log = logging.getLogger("lance_mlx.server")
@@ -30,99 +31,27 @@ log = logging.getLogger("lance_mlx.server")
 FULL_TASK = {"image": "image_edit", "video": "video_edit"}
 STOPPED = "the server stopped before this job could finish"
 DENOISE_SHARE = 95  # progress (percent) reached when the last denoising step is done; decoding takes the rest
+OUTPUT_FORMATS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}  # an image job's output_format -> its file
+MAX_UNSAVED = 1000  # finished jobs kept in memory while the history cannot be written
+MIN_FREE_BYTES = 8 * 2**20  # a degraded server takes jobs again once its output disk has this much free
 
 
 class Cancelled(Exception):
     """Raised in the worker when a job's cancel flag is seen between steps."""
 
 
+class Unavailable(Exception):
+    """New jobs are refused: the history database or the output disk failed (`reason` says how)."""
+
+    def __init__(self, reason: Dict[str, str]):
+        super().__init__(reason["message"])
+        self.reason = reason
+
+
 class QueueFull(Exception):
     def __init__(self, retry_after: int):
         super().__init__("the job queue is full")
         self.retry_after = retry_after
-
-
-class EventLog:
-    """A job's events, appended by the worker thread and followed by any number of async readers."""
-
-    def __init__(self):
-        self._events: List[Dict[str, Any]] = []
-        self._closed = False
-        self._lock = threading.Lock()
-        self._waiters: list = []  # (event loop, asyncio.Event) of readers waiting for more
-
-    def emit(self, event: Dict[str, Any], final: bool = False) -> None:
-        with self._lock:
-            self._events.append(event)
-            self._closed = self._closed or final
-            waiters, self._waiters = self._waiters, []
-        for loop, ready in waiters:
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # that reader's loop has closed
-                pass
-
-    async def follow(self, start: int = 0, heartbeat: Optional[float] = None
-                     ) -> AsyncIterator[Optional[Dict[str, Any]]]:
-        """Every event from index `start`, then each new one as it comes, until the final one. With `heartbeat`,
-        None is yielded after that many seconds without an event (a reader can keep its connection alive)."""
-        i = start
-        while True:
-            ready = None
-            with self._lock:
-                batch, closed = self._events[i:], self._closed
-                if not batch and not closed:
-                    ready = asyncio.Event()
-                    self._waiters.append((asyncio.get_running_loop(), ready))
-            for event in batch:
-                yield event
-            i += len(batch)
-            if ready is not None:
-                try:
-                    await asyncio.wait_for(ready.wait(), heartbeat)
-                except asyncio.TimeoutError:
-                    yield None
-            elif closed and not batch:
-                return
-
-
-@dataclass
-class Job:
-    """One request on its way through the queue; `record()` is what the history keeps of it."""
-
-    object: str  # "image", "video" or "chat.completion"
-    request: Request
-    settings: Dict[str, Any]
-    model: str
-    n: int = 1
-    id: str = ""
-    status: str = "queued"
-    progress: int = 0
-    created_at: int = field(default_factory=lambda: int(time.time()))
-    started_at: Optional[int] = None
-    completed_at: Optional[int] = None
-    outputs: List[str] = field(default_factory=list)
-    error: Optional[Dict[str, Any]] = None
-    answer: Optional[str] = None
-    usage: Optional[Dict[str, int]] = None
-    finish_reason: Optional[str] = None
-    events: EventLog = field(default_factory=EventLog)
-    cancel_flag: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self):
-        if not self.id:
-            self.id = {"image": "img_", "video": "video_"}.get(self.object, "chatcmpl-") + uuid.uuid4().hex
-
-    @property
-    def task(self) -> str:
-        return self.request.task
-
-    def record(self) -> Dict[str, Any]:
-        return {"id": self.id, "object": self.object, "task": self.task, "status": self.status,
-                "progress": self.progress, "created_at": self.created_at, "started_at": self.started_at,
-                "completed_at": self.completed_at, "model": self.model, "prompt": self.request.text,
-                "settings": self.settings, "outputs": list(self.outputs), "error": self.error, "answer": self.answer}
 
 
 def default_loader(config: ServerConfig) -> Callable[[str], Any]:
@@ -154,6 +83,8 @@ class Engine:
         self.resident: Optional[str] = None  # "image" / "video": the checkpoint in memory
         self.running: Optional[Job] = None
         self._seconds_per_job = 10.0  # running mean of job durations, for Retry-After
+        self.degraded: Optional[Dict[str, str]] = None  # {code, message} of the last storage failure, until it heals
+        self._unsaved: Dict[str, Job] = {}  # finished jobs whose final state the history could not take yet
 
     # ------------------------------------------------------------------------------------------ HTTP side
     def start(self) -> None:
@@ -181,14 +112,56 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def health(self) -> Optional[Dict[str, str]]:
+        """None when jobs can run, else {code, message}: a storage failure not healed yet (probed again now: a freed
+        disk is seen without a restart) or a dead worker. Blocking (a database write): call it off the event loop."""
+        if self._thread is not None and not self.alive and not self._stopping:
+            return {"code": "worker_stopped", "message": "the model worker has stopped; restart the server"}
+        if self.degraded is not None:
+            try:
+                self.history.probe()
+                self.config.outputs.mkdir(parents=True, exist_ok=True)
+                if shutil.disk_usage(self.config.outputs).free < MIN_FREE_BYTES:
+                    raise StorageError(f"the output disk has less than {MIN_FREE_BYTES // 2**20} MiB free; free "
+                                       "some space", "storage_full")
+            except StorageError as e:
+                self.degraded = {"code": e.code, "message": str(e)}
+            except OSError as e:
+                self.degraded = _storage_reason(storage_error(e, "checking the output folder"))
+            else:
+                log.warning("storage works again: taking jobs")
+                self.degraded = None
+                self._save_unsaved()
+        return self.degraded
+
+    def _save_unsaved(self) -> None:
+        for job in list(self._unsaved.values()):
+            try:
+                self._save_final(job)
+            except StorageError:
+                return
+            self._unsaved.pop(job.id, None)
+
     def submit(self, job: Job) -> Job:
-        self.check_text(job)
+        """Queue a job (QueueFull when the queue is full, Unavailable while storage fails). Blocking (a database
+        write): call it off the event loop."""
+        reason = self.health()
+        if reason is not None:
+            raise Unavailable(reason)
         with self._cond:
             if self._stopping:
                 raise QueueFull(self.retry_after())
             if len(self._pending) >= self.config.max_queue:
                 raise QueueFull(self.retry_after())
-            self.history.add(job.record())
+            try:
+                self.history.add(job.record())
+            except StorageError as e:
+                self.degraded = _storage_reason(e)
+                raise Unavailable(self.degraded) from None
             self._pending.append(job)
             self._active[job.id] = job
             job.events.emit({"type": "queued", "position": len(self._pending)})
@@ -196,21 +169,28 @@ class Engine:
         return job
 
     def check_text(self, job: Job) -> None:
-        """Refuse text over the token limit before the job is queued (a 400, not a failed job). Counted with a
-        tokenizer of the checkpoint's own (the worker's is not shared across threads), built once per checkpoint;
-        a hub id not downloaded yet is left to the worker, which checks the text when it loads the model."""
-        from ..pipeline import count_text_tokens
+        """Refuse text over the token limit before the job is queued (a 400, not a failed job): each text of the
+        request (prompt, question, system prompt) counted alone and together. Counted with a tokenizer of the
+        checkpoint's own (the worker's is not shared across threads), built once per checkpoint, used by one thread
+        at a time; a hub id not downloaded yet is left to the worker, which checks the text when it loads the model.
+        Blocking (seconds for long texts): call it off the event loop."""
+        from ..tasks import check_token_count
 
         request = job.request
-        if request.text is None:
+        texts = [t for t in (job.texts or (request.text, getattr(request, "system_prompt", None))) if t]
+        if not texts:
             return
         tokenizer = self._text_tokenizer(request.checkpoint or self.resident or "image")
         if tokenizer is None:
             return
+        param = _text_param(job)
+        with self._tokenizer_lock:
+            counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         try:
-            count_text_tokens(tokenizer, request)
+            check_token_count(sum(counts), "chat's text (every message's text together)" if len(texts) > 1
+                              else request.text_field if request.text else "system prompt")
         except InvalidRequestError as e:
-            raise InvalidRequestError(str(e), e.param or _text_param(job)) from None
+            raise InvalidRequestError(str(e), param) from None
 
     def _text_tokenizer(self, kind: str):
         from ..loading import load_tokenizer
@@ -230,7 +210,8 @@ class Engine:
         return max(1, math.ceil(self._seconds_per_job))
 
     def active(self, job_id: str) -> Optional[Job]:
-        return self._active.get(job_id)
+        """A queued or running job, or a finished one the history has not taken yet (its disk was full)."""
+        return self._active.get(job_id) or self._unsaved.get(job_id)
 
     @property
     def queued(self) -> int:
@@ -273,6 +254,8 @@ class Engine:
             self._serve()
 
     def _serve(self) -> None:
+        """Run jobs until stopped. Nothing a job does can end this loop: every failure ends that job (its stream
+        closed with an error event), and the next job runs."""
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
@@ -285,16 +268,19 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 self._run(job)
+            except BaseException as e:  # noqa: BLE001  a bug in the error handling itself: the job still ends
+                log.exception("job %s ended abnormally", job.id)
+                self._finish(job, "failed", {"code": "internal_error", "message": type(e).__name__})
             finally:
                 self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.perf_counter() - t0)
                 with self._cond:
                     self.running = None
 
     def _run(self, job: Job) -> None:
-        job.status, job.started_at = "in_progress", int(time.time())
-        self.history.update(job.id, status=job.status, started_at=job.started_at)
-        job.events.emit({"type": "started"})
         try:
+            job.status, job.started_at = "in_progress", int(time.time())
+            self.history.update(job.id, status=job.status, started_at=job.started_at)
+            job.events.emit({"type": "started"})
             if job.cancel_flag.is_set():
                 raise Cancelled
             if isinstance(job.request, Understand):
@@ -305,6 +291,20 @@ class Engine:
             if self._stopping:
                 return self._finish(job, "failed", {"code": "server_stopped", "message": STOPPED})
             return self._finish(job, "cancelled", None)
+        except StorageError as e:
+            self.degraded = _storage_reason(e)
+            return self._finish(job, "failed", self.degraded)
+        except OutputError as e:  # a write that hit a full disk degrades the server; a refused estimate does not
+            if _out_of_space(e):
+                self.degraded = _storage_reason(storage_error(e, "writing the output"))
+                return self._finish(job, "failed", self.degraded)
+            return self._finish(job, "failed", {"code": _snake(e), "message": str(e), "param": e.param})
+        except OSError as e:  # the disk failed under a write that is not ours to wrap (decoder, cache)
+            if _out_of_space(e):
+                self.degraded = _storage_reason(storage_error(e, "writing the output"))
+                return self._finish(job, "failed", self.degraded)
+            log.exception("job %s failed", job.id)
+            return self._finish(job, "failed", {"code": "internal_error", "message": type(e).__name__})
         except LanceError as e:
             code = "invalid_request" if isinstance(e, (InvalidRequestError, InvalidTypeError)) else _snake(e)
             param = e.param
@@ -313,20 +313,42 @@ class Engine:
             return self._finish(job, "failed", {"code": code, "message": str(e), "param": param})
         except Exception as e:  # a bug or an environment failure: keep the server up, record it on the job
             log.exception("job %s failed", job.id)
-            return self._finish(job, "failed", {"code": "internal_error", "message": f"{type(e).__name__}: {e}"})
+            return self._finish(job, "failed", {"code": "internal_error", "message": type(e).__name__})
         self._finish(job, "completed", None)
 
     def _finish(self, job: Job, status: str, error: Optional[Dict[str, Any]]) -> None:
+        """End a job: history, then its final event. Always ends the job's event stream, even when the history
+        cannot be written (the job then fails with the storage error and keeps no outputs)."""
+        if status != "completed":
+            self._drop_outputs(job)  # a cancelled or failed job keeps nothing (n > 1: its first images too)
+        if error is not None:
+            error = {**error, "message": redact(str(error.get("message", "")))}
         job.status, job.error, job.completed_at = status, error, int(time.time())
         if status == "completed":
             job.progress = 100
-        self.history.update(job.id, status=status, error=error, completed_at=job.completed_at,
+        try:
+            self._save_final(job)
+        except StorageError as e:
+            self.degraded = _storage_reason(e)
+            self._drop_outputs(job)
+            job.status, job.error = "failed", self.degraded
+            if len(self._unsaved) < MAX_UNSAVED:
+                self._unsaved[job.id] = job  # still shown (as failed) until the history can take it
+        finally:
+            with self._cond:
+                self._active.pop(job.id, None)
+            job.events.emit({"type": "done", "status": job.status, "progress": job.progress, "error": job.error,
+                             "outputs": list(job.outputs)}, final=True)
+            job.done.set()
+
+    def _save_final(self, job: Job) -> None:
+        self.history.update(job.id, status=job.status, error=job.error, completed_at=job.completed_at,
                             progress=job.progress, outputs=job.outputs, answer=job.answer)
-        with self._cond:
-            self._active.pop(job.id, None)
-        job.events.emit({"type": "done", "status": status, "progress": job.progress, "error": error,
-                         "outputs": list(job.outputs)}, final=True)
-        job.done.set()
+
+    def _drop_outputs(self, job: Job) -> None:
+        for name in job.outputs:
+            (self.config.outputs / name).unlink(missing_ok=True)
+        job.outputs = []
 
     def _pipeline(self, kind: str, task: str):
         if self._pipe is not None and (self.resident == kind or task.startswith("x2t")):
@@ -359,7 +381,8 @@ class Engine:
             job.events.emit({"type": "prepare", "index": i})
             plan = pipe.plan(r)
             t, h, w = plan.latent_shape
-            name = f"{job.id}-{i}.png" if image else f"{job.id}-{i}.mp4"
+            suffix = OUTPUT_FORMATS[job.settings.get("output_format", "png")] if image else ".mp4"
+            name = f"{job.id}-{i}{suffix}"
             path = self.config.outputs / name
             check_free_space(path, estimate_output_bytes(path, 16 * w, 16 * h, 4 * (t - 1) + 1))  # before the work
             latents = None
@@ -377,27 +400,71 @@ class Engine:
             if not image:
                 meta.update(frames=4 * (t - 1) + 1, fps=fps)
             self.config.outputs.mkdir(parents=True, exist_ok=True)
-            pipe.save(latents.reshape(1, t, h, w, -1), path, fps=fps, metadata=meta)
+            self._save(job, pipe, latents.reshape(1, t, h, w, -1), path, fps, meta)
             job.outputs.append(name)
             self.history.update(job.id, outputs=job.outputs)
+
+    def _save(self, job: Job, pipe, latents, path: Path, fps: float, meta: Dict[str, Any]) -> None:
+        """Decode and write one output (pipeline.save's two paths), a video checked for cancel between VAE chunks:
+        a cancel during a long decode stops it there, and media's atomic write leaves nothing behind."""
+        from PIL import Image
+
+        from ..media import IMAGE_SUFFIXES, save_image, save_video
+
+        if latents.shape[1] == 1 and path.suffix in IMAGE_SUFFIXES:
+            save_image(Image.fromarray(pipe.decode(latents)[0]), path, meta)
+            return
+
+        def frames():
+            for frame in pipe.iter_frames(latents):
+                self._check_cancel(job)
+                yield frame
+
+        save_video(frames(), path, fps=fps, metadata=meta)
 
     def _answer(self, job: Job) -> None:
         request = job.request
         job.events.emit({"type": "loading", "checkpoint": request.checkpoint})
         pipe = self._pipeline(request.checkpoint, request.task)
         stream = pipe.answer(request)
-        pieces = []
+        text, sent, stopped = "", 0, False
+        hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string may span pieces: hold back its length
         for piece in stream:
-            pieces.append(piece)
-            job.events.emit({"type": "text", "delta": piece})
+            text += piece
+            if job.stop:
+                cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in job.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, stopped = text[:cut], True
+            ready = len(text) if stopped else len(text) - hold
+            if ready > sent:
+                job.events.emit({"type": "text", "delta": text[sent:ready]})
+                sent = ready
             self._check_cancel(job)
-        r = stream.result
-        job.answer = r.text if r is not None else "".join(pieces)
+            if stopped:
+                break
+        if len(text) > sent:
+            job.events.emit({"type": "text", "delta": text[sent:]})
+        r = stream.result  # None when a stop string ended the answer early
+        job.answer = r.text if r is not None and not job.stop else text
         job.finish_reason = r.finish_reason if r is not None else "stop"
         prompt_tokens = r.prompt_tokens if r is not None else 0
-        completion = r.generated_tokens if r is not None else len(pieces)
+        completion = r.generated_tokens if r is not None else len(pipe.tokenizer(text, add_special_tokens=False)[
+            "input_ids"]) if text else 0
         job.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                      "total_tokens": prompt_tokens + completion}
+
+
+def _storage_reason(e: StorageError) -> Dict[str, str]:
+    return {"code": e.code, "message": str(e)}
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """Whether an error (or what caused it) is a write that found the disk full."""
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _text_param(job: Job) -> str:

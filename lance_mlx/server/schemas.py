@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, Tuple
+import re
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
 
 from ..config import DEFAULT_SAMPLING, OUTPUT_FPS, POSTERIOR_SEED, SAMPLERS, SamplingParams
 from ..errors import InvalidRequestError, InvalidTypeError
-from ..processing import OUTPUT_ASPECT_RATIOS, PRESETS, output_size
+from ..processing import OUTPUT_ASPECT_RATIOS, PRESETS, nearest_bucket, output_size
 from ..tasks import (
     FRAME_STRIDE,
     I2V_RESOLUTION,
     IMAGE_EDIT_PRESET,
     IMAGE_SIZE,
+    MAX_RESOLUTION,
     VIDEO_FRAMES,
     VIDEO_PRESET,
     VIDEO_SIZE,
@@ -23,129 +25,27 @@ from ..tasks import (
     Posterior,
     TextToImage,
     TextToVideo,
-    Understand,
     VideoEdit,
     check_fps,
 )
 from . import inputs
+from .fields import IGNORED, ApiError, Fields, Parsed, Upload, build, form_number, parse_json  # noqa: F401
+from .jobs import OUTPUT_FORMATS
+from .redact import clip as shown
 from .settings import ServerConfig
 
-# OpenAI fields accepted and ignored (they select hosted models or styles this server does not have).
-IGNORED = ("model", "user", "quality", "style", "background", "moderation", "output_format", "output_compression",
-           "stream_options", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
-           "parallel_tool_calls")
 SAMPLING_FIELDS = ("steps", "num_inference_steps", "guidance_scale", "image_guidance_scale", "timestep_shift",
                    "cfg_interval", "renorm_min", "seed", "sampler")
 POSTERIOR_FIELDS = ("posterior_seed", "posterior_mean")
 RESPONSE_FORMATS = ("b64_json", "url")
+MIN_FPS = 1.0  # our serving limit (vLLM-Omni's too): below it a video's time base and duration make no sense
+MAX_SIDE = MAX_RESOLUTION  # 1024: the 3-D position table's 64 latents per side (tasks.check_size)
+# vLLM-Omni's /v1/videos fields (vllm_omni/entrypoints/openai/protocol/videos.py, VideoGenerationRequest): width and
+# height (its `size` wins when both are given, as in its resolve_video_params), a `video_params` block of the same,
+# and `image_reference` {"image_url": ...} for the first frame.
+VLLM_VIDEO_FIELDS = ("width", "height", "video_params", "image_reference")
 PRESET_SLACK = 1.1  # buckets round sides to multiples of 16, so their area may pass resolution² by a few percent
 DEFAULT_RESOLUTION = {"image": IMAGE_SIZE[0], "video": I2V_RESOLUTION}  # presets' area when only an aspect is given
-
-
-class ApiError(Exception):
-    """An HTTP error with OpenAI's error body {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def body(self) -> Dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Upload:
-    """A file part of a multipart body."""
-
-    filename: str
-    content_type: str
-    data: bytes
-
-
-class Fields:
-    """The fields of one body, JSON-typed or (multipart) text, read with the type and bounds each one needs."""
-
-    def __init__(self, values: Dict[str, Any], form: bool = False):
-        if not isinstance(values, dict):
-            raise InvalidTypeError(f"the request body must be a JSON object, got {type(values).__name__}")
-        self.values, self.form = values, form
-
-    def has(self, name: str) -> bool:
-        return self.values.get(name) is not None
-
-    def check_known(self, allowed: Iterable[str]) -> None:
-        allowed = set(allowed) | set(IGNORED)
-        for name in self.values:
-            if name not in allowed:
-                raise InvalidRequestError(f"unknown field {name!r}: this route takes {', '.join(sorted(allowed))}",
-                                          name)
-
-    def text(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        v = self.values.get(name)
-        if v is None:
-            return default
-        if not isinstance(v, str):
-            raise InvalidTypeError(f"{name} must be a string, got {type(v).__name__}", name)
-        return v
-
-    def integer(self, name: str, default: Optional[int] = None, lo: int = 0, hi: int = 2**63 - 1) -> Optional[int]:
-        v = self._number(name)
-        if v is None:
-            return default
-        if isinstance(v, float) and not v.is_integer():
-            raise InvalidRequestError(f"{name} must be a whole number, got {v!r}", name)
-        v = int(v)
-        if not lo <= v <= hi:
-            raise InvalidRequestError(f"{name} {v} is out of range: use a value in [{lo}, {hi}]", name)
-        return v
-
-    def number(self, name: str, default: Optional[float] = None) -> Optional[float]:
-        v = self._number(name)
-        return default if v is None else float(v)
-
-    def boolean(self, name: str, default: bool = False) -> bool:
-        v = self.values.get(name)
-        if v is None:
-            return default
-        if isinstance(v, bool):
-            return v
-        if self.form and isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "on", "off"):
-            return v.lower() in ("true", "1", "on")
-        raise InvalidTypeError(f"{name} must be true or false, got {v!r}", name)
-
-    def choice(self, name: str, options: Iterable[str], default: Optional[str] = None) -> Optional[str]:
-        v = self.text(name, default)
-        options = tuple(options)
-        if v is not None and v not in options:
-            raise InvalidRequestError(f"{name} {v!r} is not one of {', '.join(options)}", name)
-        return v
-
-    def _number(self, name: str):
-        v = self.values.get(name)
-        if v is None:
-            return None
-        if self.form and isinstance(v, str):
-            try:
-                v = float(v) if any(c in v for c in ".eE") or v.strip().lower() in ("nan", "inf", "-inf") else int(v)
-            except ValueError:
-                raise InvalidTypeError(f"{name} must be a number, got {v!r}", name) from None
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise InvalidTypeError(f"{name} must be a number, got {type(v).__name__}", name)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise InvalidRequestError(f"{name} must be a finite number, got {v!r}", name)
-        if abs(v) > 2**63:  # far beyond every bound, and beyond what a float holds exactly
-            raise InvalidRequestError(f"{name} is out of range", name)
-        return v
-
-
-def parse_json(body: bytes) -> Fields:
-    try:
-        values = json.loads(body)
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, over-long integers, too deep nesting
-        raise InvalidRequestError(f"the request body is not valid JSON: {str(e)[:200]}") from None
-    return Fields(values)
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -156,14 +56,11 @@ def sampling(f: Fields, config: ServerConfig) -> SamplingParams:
     steps = f.integer("steps", f.integer("num_inference_steps", d.steps, 1, config.max_steps), 1, config.max_steps)
     interval = f.values.get("cfg_interval", d.cfg_interval)
     if isinstance(interval, str):
-        try:
-            interval = tuple(float(v) for v in interval.split(","))
-        except ValueError:
-            raise InvalidTypeError(f"cfg_interval must be two numbers LO,HI, got {interval!r}",
-                                   "cfg_interval") from None
+        interval = tuple(float(form_number(v, "cfg_interval")) for v in interval.split(","))
     if not isinstance(interval, (list, tuple)) or len(interval) != 2 or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval):
-        raise InvalidTypeError(f"cfg_interval must be two numbers [LO, HI], got {interval!r}", "cfg_interval")
+        raise InvalidTypeError(f"cfg_interval must be two numbers [LO, HI], got {shown(repr(interval))}",
+                               "cfg_interval")
     try:
         return SamplingParams(
             steps=steps, shift=f.number("timestep_shift", d.shift), cfg_text=f.number("guidance_scale", d.cfg_text),
@@ -198,13 +95,15 @@ def size(f: Fields, config: ServerConfig, kind: str) -> Tuple[int, int]:
     """(width, height) from `size` "WxH", else upstream's size of `aspect_ratio` at `resolution`²."""
     default = IMAGE_SIZE if kind == "image" else VIDEO_SIZE
     text = f.text("size")
+    given = [f.integer(k, None, 16, MAX_SIDE) for k in ("width", "height")]  # checked even when size wins
     if text not in (None, "auto") and (f.has("aspect_ratio") or f.has("resolution")):
         raise InvalidRequestError("give size, or aspect_ratio and resolution, not both", "size")
     if text not in (None, "auto"):
-        parts = text.lower().split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise InvalidRequestError(f"size must be WIDTHxHEIGHT in pixels, e.g. 768x768, got {text!r}", "size")
-        w, h = (int(p) for p in parts)
+        w, h = parse_size(text)
+    elif f.has("width") or f.has("height"):
+        if not (f.has("width") and f.has("height")):
+            raise InvalidRequestError("give both width and height (or size WIDTHxHEIGHT)", "width")
+        w, h = given
     elif f.has("aspect_ratio"):
         aspect = f.choice("aspect_ratio", OUTPUT_ASPECT_RATIOS)
         resolution = f.integer("resolution", DEFAULT_RESOLUTION[kind], 64, 1024)
@@ -214,6 +113,39 @@ def size(f: Fields, config: ServerConfig, kind: str) -> Tuple[int, int]:
     if w * h > config.max_pixels:
         raise InvalidRequestError(f"size {w}x{h} is above this server's limit of {config.max_pixels} pixels", "size")
     return w, h
+
+
+def bucketed_size(image, resolution: int, config: ServerConfig, param: str) -> Tuple[int, int]:
+    """(width, height) an input of `image`'s aspect becomes at bucket area `resolution`² (processing.bucket_resize),
+    refused now when a side passes 1024 or the area this server's limit (an extreme aspect at a large area)."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):  # (T, H, W, 3) frames
+        width, height = image.shape[2], image.shape[1]
+    elif isinstance(image, Image.Image):
+        width, height = image.size
+    else:  # a local path: its header only
+        try:
+            with Image.open(image) as img:
+                width, height = img.size
+        except (OSError, ValueError, SyntaxError):
+            raise InvalidRequestError(f"{param} is not a readable image", param) from None
+    h, w = nearest_bucket(width, height, resolution)
+    if max(w, h) > MAX_SIDE or w * h > config.max_pixels * PRESET_SLACK:
+        raise InvalidRequestError(f"a {width}x{height} input at resolution {resolution} makes {w}x{h} outputs: above "
+                                  f"{MAX_SIDE} pixels a side or this server's limit of {config.max_pixels} pixels; "
+                                  "use a lower resolution or an input closer to square", param)
+    return w, h
+
+SIZE = re.compile(r"\s*([0-9]{1,5})\s*[xX]\s*([0-9]{1,5})\s*")
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    m = SIZE.fullmatch(text)
+    if m is None:
+        raise InvalidRequestError(f"size must be WIDTHxHEIGHT in ASCII digits, e.g. 768x768, got {shown(repr(text))}",
+                                  "size")
+    return int(m.group(1)), int(m.group(2))
 
 
 def edit_preset(f: Fields, config: ServerConfig, kind: str, default: str) -> str:
@@ -227,12 +159,14 @@ def edit_preset(f: Fields, config: ServerConfig, kind: str, default: str) -> str
 
 def frames(f: Fields, config: ServerConfig, fps: float) -> int:
     """`num_frames` (4k+1), else OpenAI's `seconds` at `fps` rounded to the nearest 4k+1."""
-    if f.has("num_frames"):
-        n = f.integer("num_frames", VIDEO_FRAMES, 1, 10**6)
-    elif f.has("seconds"):
+    seconds = None
+    if f.has("seconds"):  # checked even when num_frames decides
         seconds = f.number("seconds") if not isinstance(f.values["seconds"], str) else _seconds(f.values["seconds"])
         if not 0 < seconds <= 3600:
             raise InvalidRequestError(f"seconds must be in (0, 3600], got {seconds:g}", "seconds")
+    if f.has("num_frames"):
+        n = f.integer("num_frames", VIDEO_FRAMES, 1, 10**6)
+    elif seconds is not None:
         n = FRAME_STRIDE * round(seconds * fps / FRAME_STRIDE) + 1
         if n > config.max_frames:
             longest = (config.max_frames - 1) / fps
@@ -247,62 +181,29 @@ def frames(f: Fields, config: ServerConfig, fps: float) -> int:
 
 
 def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise InvalidTypeError(f"seconds must be a number, got {text!r}", "seconds") from None
+    v = float(form_number(text, "seconds"))
     if not math.isfinite(v):
         raise InvalidRequestError("seconds must be a finite number", "seconds")
     return v
 
 
 # -------------------------------------------------------------------------------------------------- routes
-@dataclass
-class Parsed:
-    """A request ready for the queue: its task request, the settings the history keeps, and response options."""
-
-    object: str  # "image", "video" or "chat.completion"
-    request: Any
-    settings: Dict[str, Any]
-    n: int = 1
-    response_format: str = "b64_json"
-    stream: bool = False
-
-
-# Words of the task layer's messages -> the request field they are about, for errors that name no `param`.
-MESSAGE_PARAMS = (("image guidance", "image_guidance_scale"), ("width", "size"), ("height", "size"),
-                  ("frame count", "num_frames"), ("frames", "num_frames"),
-                  ("input fps", "video"), ("fps", "fps"), ("input video", "video"), ("input image", "image"))
-
-
-def build(make, text_param: str):
-    """Construct a request type; an error without a `param` gets the field its message is about."""
-    try:
-        return make()
-    except (InvalidRequestError, InvalidTypeError) as e:
-        if e.param is None:
-            message = str(e)
-            if any(w in message for w in ("prompt", "instruction", "question", "tokens long", "system prompt")):
-                e.param = text_param
-            else:
-                e.param = next((p for w, p in MESSAGE_PARAMS if w in message), None)
-        raise
-
-
 def image_generation(f: Fields, config: ServerConfig) -> Parsed:
-    f.check_known(("prompt", "size", "aspect_ratio", "resolution", "n", "response_format", *SAMPLING_FIELDS))
+    f.check_known(("prompt", "size", "aspect_ratio", "resolution", "n", "response_format", "output_format",
+                   *SAMPLING_FIELDS))
     w, h = size(f, config, "image")
     n = f.integer("n", 1, 1, config.max_images)
     fmt = f.choice("response_format", RESPONSE_FORMATS, "b64_json")
+    output_format = f.choice("output_format", OUTPUT_FORMATS, "png")
     s = sampling(f, config)
     req = build(lambda: TextToImage(f.values.get("prompt"), w, h, s), "prompt")
     return Parsed("image", req, {"task": "t2i", "prompt": req.prompt, "size": f"{w}x{h}", "n": n,
-                                 **sampling_settings(s)}, n, fmt)
+                                 "output_format": output_format, **sampling_settings(s)}, n, fmt)
 
 
 def image_edit(f: Fields, files: Dict[str, Upload], config: ServerConfig) -> Parsed:
-    f.check_known(("prompt", "image", "image[]", "n", "size", "response_format", "preset", "image_guidance_scale",
-                   *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "mask"))
+    f.check_known(("prompt", "image", "image[]", "n", "size", "response_format", "output_format", "preset",
+                   "image_guidance_scale", *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "mask"))
     if f.has("mask") or "mask" in files:
         raise InvalidRequestError("masks are not supported: Lance edits the whole image from the instruction", "mask")
     if f.text("size", "auto") != "auto":
@@ -310,25 +211,33 @@ def image_edit(f: Fields, files: Dict[str, Upload], config: ServerConfig) -> Par
                                   "size")
     n = f.integer("n", 1, 1, config.max_images)
     fmt = f.choice("response_format", RESPONSE_FORMATS, "b64_json")
+    output_format = f.choice("output_format", OUTPUT_FORMATS, "png")
     preset = edit_preset(f, config, "image", IMAGE_EDIT_PRESET)
     media = media_input(f, files, ("image", "image[]"), config)
     if media is None:
         raise InvalidRequestError("no image: send the image to edit as the multipart file `image`", "image")
     source = inputs.image(media, "image")
+    w, h = bucketed_size(source, PRESETS[preset].vae_resolution, config, "image")
     s = sampling(f, config)
     post = posterior(f)
     req = build(lambda: ImageEdit(source, f.values.get("prompt"), preset, s, post, source=media.describe()), "prompt")
     return Parsed("image", req, {"task": "image_edit", "prompt": req.instruction, "preset": preset, "n": n,
-                                 "input": media.describe(), "posterior_mean": not post.sample,
-                                 "posterior_seed": post.seed, **sampling_settings(s)}, n, fmt)
+                                 "size": f"{w}x{h}", "output_format": output_format, "input": media.describe(),
+                                 "posterior_mean": not post.sample, "posterior_seed": post.seed,
+                                 **sampling_settings(s)}, n, fmt)
 
 
 def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: Optional[str] = None) -> Parsed:
     """POST /v1/videos: text-to-video, image-to-video with `input_reference`, video edit with `video`."""
     f.check_known(("prompt", "size", "aspect_ratio", "resolution", "seconds", "num_frames", "fps", "input_reference",
-                   "video", "preset", "image_guidance_scale", *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "task"))
-    fps = check_fps(f.number("fps", OUTPUT_FPS))
-    reference = media_input(f, files, ("input_reference",), config)
+                   "video", "preset", "image_guidance_scale", *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "task",
+                   *VLLM_VIDEO_FIELDS))
+    f = video_params(f)
+    fps = f.number("fps", OUTPUT_FPS)
+    if fps is not None and fps < MIN_FPS:
+        raise InvalidRequestError(f"fps must be at least {MIN_FPS:g}, got {fps:g}", "fps")
+    fps = check_fps(fps)
+    reference = media_input(f, files, ("input_reference", "image_reference"), config)
     clip = media_input(f, files, ("video",), config)
     if reference is not None and clip is not None:
         raise InvalidRequestError("send either input_reference (image-to-video) or video (video edit), not both",
@@ -346,10 +255,11 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
     if task == "video_edit":
         preset = edit_preset(f, config, "video", VIDEO_PRESET)
         video_frames, source_fps = inputs.video(clip, "video", config.scratch)
+        w, h = bucketed_size(video_frames, PRESETS[preset].vae_resolution, config, "video")
         post = posterior(f)
         req = build(lambda: VideoEdit(video_frames, prompt, preset, source_fps, fps, s, post,
                                       source=clip.describe()), "prompt")
-        settings.update(preset=preset, input=clip.describe(), posterior_mean=not post.sample,
+        settings.update(preset=preset, size=f"{w}x{h}", input=clip.describe(), posterior_mean=not post.sample,
                         posterior_seed=post.seed)
         return Parsed("video", req, settings)
     n = frames(f, config, fps)
@@ -359,16 +269,30 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
         if resolution ** 2 > config.max_pixels * PRESET_SLACK:
             raise InvalidRequestError(f"resolution {resolution} is above this server's pixel limit", "resolution")
         first = inputs.image(reference, "input_reference")
+        w, h = bucketed_size(first, resolution, config, "resolution")
         post = posterior(f)
         req = build(lambda: ImageToVideo(prompt, first, n, resolution, fps, s, post, source=reference.describe()),
                     "prompt")
-        settings.update(resolution=resolution, input=reference.describe(), posterior_mean=not post.sample,
-                        posterior_seed=post.seed)
+        settings.update(resolution=resolution, size=f"{w}x{h}", input=reference.describe(),
+                        posterior_mean=not post.sample, posterior_seed=post.seed)
         return Parsed("video", req, settings)
     w, h = size(f, config, "video")
     req = build(lambda: TextToVideo(prompt, n, w, h, fps, s), "prompt")
     settings.update(size=f"{w}x{h}")
     return Parsed("video", req, settings)
+
+
+def video_params(f: Fields) -> Fields:
+    """vLLM-Omni's `video_params` block: its width, height, num_frames and fps where the body has none of its own."""
+    block = f.values.get("video_params")
+    if block is None:
+        return f
+    if not isinstance(block, dict) or set(block) - {"width", "height", "num_frames", "fps"}:
+        raise InvalidRequestError("video_params must be an object of width, height, num_frames and fps",
+                                  "video_params")
+    merged = {**{k: v for k, v in block.items() if v is not None}, **f.values}
+    merged.pop("video_params")
+    return Fields(merged, f.form)
 
 
 def media_input(f: Fields, files: Dict[str, Upload], names: Tuple[str, ...], config: ServerConfig):
@@ -379,6 +303,8 @@ def media_input(f: Fields, files: Dict[str, Upload], names: Tuple[str, ...], con
             return inputs.Media(up.data, up.content_type, up.filename)
         value = f.values.get(name)
         if isinstance(value, dict):  # {"image_url": "data:..."} / {"url": "data:..."}
+            if "file_id" in value:
+                raise InvalidRequestError(f"{name}: file ids are not supported; send the file as a data URL", name)
             value = value.get("image_url", value.get("url"))
         if value is not None:
             return inputs.from_url(value, name, config.allow_local_files)
@@ -396,71 +322,3 @@ def job(f: Fields, files: Dict[str, Upload], config: ServerConfig) -> Parsed:
     if task == "image_edit":
         return image_edit(rest, files, config)
     return video_job(rest, files, config, task)
-
-
-# ---------------------------------------------------------------------------------------------------- chat
-CHAT_ROLES = ("system", "developer", "user", "assistant")
-MEDIA_PARTS = {"image_url": False, "input_image": False, "video_url": True, "input_video": True}
-
-
-def chat(f: Fields, config: ServerConfig) -> Parsed:
-    """Image/video understanding from OpenAI chat messages: one image or video part, the last user text as the
-    question (none: describe), system messages as the system prompt."""
-    f.check_known(("messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stream",
-                   "preset", "n", "stop"))
-    if f.integer("n", 1, 1, 1) != 1:
-        raise InvalidRequestError("n must be 1", "n")
-    messages = f.values.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("messages must be a non-empty list of {role, content} objects", "messages")
-    system, question, media = [], None, []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            raise InvalidRequestError(f"{where} must be an object with role one of {', '.join(CHAT_ROLES)}", "messages")
-        texts = []
-        for part in _parts(m.get("content"), where):
-            kind = part.get("type")
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise InvalidTypeError(f"{where}: a text part needs a string `text`", "messages")
-                texts.append(part["text"])
-            elif kind in MEDIA_PARTS:
-                url = part.get(kind) or part.get("image_url") or part.get("video_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                media.append((inputs.from_url(url, "messages", config.allow_local_files), MEDIA_PARTS[kind]))
-            else:
-                raise InvalidRequestError(f"{where}: unsupported content part type {kind!r}; use text, image_url or "
-                                          "video_url", "messages")
-        if m["role"] in ("system", "developer"):
-            system.extend(texts)
-        elif m["role"] == "user":
-            question = "\n".join(t for t in texts if t.strip()) or None
-    if len(media) != 1:
-        raise InvalidRequestError(f"send exactly one image_url or video_url part (got {len(media)}): Lance answers "
-                                  "about one image or video", "messages")
-    item, is_video = media[0]
-    is_video = is_video or item.is_video
-    preset = f.choice("preset", list(PRESETS))
-    if is_video:
-        clip, fps = inputs.video(item, "messages", config.scratch)
-        visual: Any = clip
-    else:
-        visual, fps = inputs.image(item, "messages"), None
-    max_tokens = f.integer("max_completion_tokens", f.integer("max_tokens", None, 1, 32768), 1, 32768)
-    options = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", f.number("temperature")),
-                                 ("top_p", f.number("top_p")), ("seed", f.integer("seed"))) if v is not None}
-    req = build(lambda: Understand(visual, question, video=is_video, preset=preset, input_fps=fps,
-                                   system_prompt="\n".join(system) or None, source=item.describe(), **options),
-                "messages")
-    settings = {"task": req.task, "question": question, "input": item.describe(), "max_tokens": req.max_tokens,
-                "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
-    return Parsed("chat.completion", req, settings, stream=f.boolean("stream"))
-
-
-def _parts(content, where: str) -> list:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
-        raise InvalidRequestError(f"{where}.content must be a string or a list of parts", "messages")
-    return content

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from ..checkpoints import UPSTREAM_REPO
 from ..tasks import MAX_FRAMES
@@ -29,6 +29,8 @@ class ServerConfig:
     dtype: str = "bfloat16"
     compute_dtype: Optional[str] = None  # the LLM's activations (None: dtype)
     api_key: Optional[str] = None
+    host: str = "127.0.0.1"  # the address it listens on: its Host names are allowed (guard.allowed_hosts)
+    allowed_hosts: Tuple[str, ...] = ()  # more Host names to answer to (--allow-host), "*" for any
     max_queue: int = MAX_QUEUE
     allow_local_files: bool = False
     max_body_bytes: int = MAX_BODY_MB * 2**20

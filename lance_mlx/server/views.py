@@ -5,25 +5,28 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from .jobs import Job
 from .settings import ServerConfig
 
-CONTENT_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp", ".mp4": "video/mp4"}
+Signing = Callable[[str, int], str]  # (job id, output index) -> the query string of a signed link
 
 
-def job_object(record: Dict[str, Any], position: int = 0) -> Dict[str, Any]:
+def job_object(record: Dict[str, Any], position: int = 0, sign: Optional[Signing] = None) -> Dict[str, Any]:
     """A job as the API shows it: OpenAI's video fields (id, object, model, status, progress, created_at,
-    completed_at, size, seconds, error) plus Lance's task, settings and output URLs."""
+    completed_at, size, seconds, error) plus Lance's task, settings and output URLs (signed with `sign`: a keyed
+    server's links work without the key until they expire)."""
     settings = record.get("settings") or {}
     out = {"id": record["id"], "object": record["object"], "model": record.get("model"), "status": record["status"],
            "progress": record.get("progress") or 0, "created_at": record["created_at"],
            "completed_at": record.get("completed_at"), "task": record["task"], "prompt": record.get("prompt"),
            "settings": settings, "error": record.get("error"),
-           "outputs": [f"/v1/jobs/{record['id']}/content?index={i}" for i in range(len(record.get("outputs") or []))]}
-    if record["object"] == "video":
-        out.update(size=settings.get("size"), seconds=settings.get("seconds"))
+           "outputs": [content_path(record["id"], i, sign) for i in range(len(record.get("outputs") or []))]}
+    if record["object"] == "video":  # OpenAI's video object (and vLLM-Omni's): seconds a whole number, as a string
+        out.update(size=settings.get("size") or "auto", seconds=video_seconds(settings), expires_at=None,
+                   remixed_from_video_id=None)
     if record["object"] == "chat.completion":
         out["answer"] = record.get("answer")
     if position:
@@ -31,18 +34,34 @@ def job_object(record: Dict[str, Any], position: int = 0) -> Dict[str, Any]:
     return out
 
 
-def images_response(job: Job, config: ServerConfig, response_format: str, base_url: str) -> Dict[str, Any]:
+def video_seconds(settings: Dict[str, Any]) -> str:
+    """The clip's length in whole seconds (at least 1), from its frame count and fps."""
+    frames, fps = settings.get("num_frames"), settings.get("fps") or 0
+    if not frames or fps <= 0:
+        return str(settings.get("seconds") or "1").split(".")[0] or "1"
+    return str(max(1, round(frames / fps)))
+
+
+def content_path(job_id: str, index: int, sign: Optional[Signing] = None) -> str:
+    return f"/v1/jobs/{job_id}/content?" + (sign(job_id, index) if sign else f"index={index}")
+
+
+def images_response(job: Job, config: ServerConfig, response_format: str, base_url: str,
+                    sign: Optional[Signing] = None) -> Dict[str, Any]:
     """OpenAI's images response: {created, data: [{b64_json | url, revised_prompt}]}; URLs are absolute, as
-    OpenAI's, on the address the request came to."""
+    OpenAI's, on the address the request came to, and signed on a keyed server."""
     data = []
     for i, name in enumerate(job.outputs):
         item: Dict[str, Any] = {"revised_prompt": job.request.text}
         if response_format == "url":
-            item["url"] = f"{base_url.rstrip('/')}/v1/jobs/{job.id}/content?index={i}"
+            item["url"] = base_url.rstrip("/") + content_path(job.id, i, sign)
         else:
             item["b64_json"] = base64.b64encode((config.outputs / name).read_bytes()).decode("ascii")
         data.append(item)
-    return {"created": job.created_at, "data": data}
+    out = {"created": job.created_at, "data": data, "output_format": job.settings.get("output_format", "png")}
+    if job.settings.get("size"):
+        out["size"] = job.settings["size"]
+    return out
 
 
 def chat_response(job: Job) -> Dict[str, Any]:
