@@ -315,9 +315,14 @@ def _check_negative_length(seq: Sequence, n_prompt: int, limit: int) -> None:
 
 
 def count_text_tokens(tokenizer, request: Request) -> None:
-    for text, what in ((request.text, request.text_field), (request.negative_prompt, "negative prompt")):
-        if text:
-            check_token_count(len(tokenizer(text, add_special_tokens=False)["input_ids"]), what)
+    if request.text is not None:
+        check_token_count(len(tokenizer(request.text, add_special_tokens=False)["input_ids"]), request.text_field)
+    if request.negative_prompt:
+        try:
+            check_token_count(len(tokenizer(request.negative_prompt, add_special_tokens=False)["input_ids"]),
+                              "negative prompt")
+        except InvalidRequestError as e:
+            raise InvalidRequestError(str(e), "negative_prompt") from None
 
 
 def _settings(sampling: Optional[SamplingParams], settings: Dict[str, Any]) -> SamplingParams:

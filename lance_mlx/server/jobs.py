@@ -349,6 +349,8 @@ class Engine:
         request = job.request
         job.events.emit({"type": "loading", "checkpoint": request.checkpoint})
         pipe = self._pipeline(request.checkpoint, request.task)
+        if job.settings.get("enhance_prompt"):
+            request = job.request = self._enhance(job, pipe)
         steps = request.sampling.steps
         image = isinstance(request, (TextToImage, ImageEdit))
         fps = getattr(request, "fps", OUTPUT_FPS)
@@ -376,10 +378,25 @@ class Engine:
                     "dtype": self.config.dtype, "job": job.id, "software": SOFTWARE}
             if not image:
                 meta.update(frames=4 * (t - 1) + 1, fps=fps)
+            meta.update({k: job.settings[k] for k in ("negative_prompt", "revised_prompt") if k in job.settings})
+            if "revised_prompt" in job.settings:  # the prompt as asked, beside the one generated from
+                meta["prompt"] = job.settings["prompt"]
             self.config.outputs.mkdir(parents=True, exist_ok=True)
             pipe.save(latents.reshape(1, t, h, w, -1), path, fps=fps, metadata=meta)
             job.outputs.append(name)
             self.history.update(job.id, outputs=job.outputs)
+
+    def _enhance(self, job: Job, pipe) -> Request:
+        """The job's request with its prompt rewritten (docs/steering.md): by the endpoint of upstream's
+        LANCE_REWRITE_* variables when set, else by the loaded checkpoint; kept in the job's settings."""
+        from ..enhance import Enhancer
+
+        job.events.emit({"type": "enhance"})
+        request, revised = Enhancer.from_env().apply(job.request, pipe)
+        job.settings["revised_prompt"] = revised
+        self.history.update(job.id, settings=job.settings)
+        job.events.emit({"type": "enhanced", "revised_prompt": revised})
+        return request
 
     def _answer(self, job: Job) -> None:
         request = job.request

@@ -35,7 +35,8 @@ IGNORED = ("model", "user", "quality", "style", "background", "moderation", "out
            "stream_options", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
            "parallel_tool_calls")
 SAMPLING_FIELDS = ("steps", "num_inference_steps", "guidance_scale", "image_guidance_scale", "timestep_shift",
-                   "cfg_interval", "renorm_min", "seed", "sampler")
+                   "cfg_interval", "renorm_min", "seed", "sampler", "negative_prompt")
+ENHANCE_TASKS = ("t2i", "t2v", "i2v")  # lance_mlx/enhance.py TASKS
 POSTERIOR_FIELDS = ("posterior_seed", "posterior_mean")
 RESPONSE_FORMATS = ("b64_json", "url")
 PRESET_SLACK = 1.1  # buckets round sides to multiples of 16, so their area may pass resolution² by a few percent
@@ -282,7 +283,9 @@ def build(make, text_param: str):
     except (InvalidRequestError, InvalidTypeError) as e:
         if e.param is None:
             message = str(e)
-            if any(w in message for w in ("prompt", "instruction", "question", "tokens long", "system prompt")):
+            if "negative prompt" in message:
+                e.param = "negative_prompt"
+            elif any(w in message for w in ("prompt", "instruction", "question", "tokens long", "system prompt")):
                 e.param = text_param
             else:
                 e.param = next((p for w, p in MESSAGE_PARAMS if w in message), None)
@@ -290,19 +293,20 @@ def build(make, text_param: str):
 
 
 def image_generation(f: Fields, config: ServerConfig) -> Parsed:
-    f.check_known(("prompt", "size", "aspect_ratio", "resolution", "n", "response_format", *SAMPLING_FIELDS))
+    f.check_known(("prompt", "size", "aspect_ratio", "resolution", "n", "response_format", "enhance_prompt",
+                   *SAMPLING_FIELDS))
     w, h = size(f, config, "image")
     n = f.integer("n", 1, 1, config.max_images)
     fmt = f.choice("response_format", RESPONSE_FORMATS, "b64_json")
     s = sampling(f, config)
-    req = build(lambda: TextToImage(f.values.get("prompt"), w, h, s), "prompt")
+    req = build(lambda: TextToImage(f.values.get("prompt"), w, h, s, f.values.get("negative_prompt")), "prompt")
     return Parsed("image", req, {"task": "t2i", "prompt": req.prompt, "size": f"{w}x{h}", "n": n,
-                                 **sampling_settings(s)}, n, fmt)
+                                 **sampling_settings(s), **steering(f, req)}, n, fmt)
 
 
 def image_edit(f: Fields, files: Dict[str, Upload], config: ServerConfig) -> Parsed:
     f.check_known(("prompt", "image", "image[]", "n", "size", "response_format", "preset", "image_guidance_scale",
-                   *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "mask"))
+                   *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "mask", "enhance_prompt"))
     if f.has("mask") or "mask" in files:
         raise InvalidRequestError("masks are not supported: Lance edits the whole image from the instruction", "mask")
     if f.text("size", "auto") != "auto":
@@ -317,16 +321,18 @@ def image_edit(f: Fields, files: Dict[str, Upload], config: ServerConfig) -> Par
     source = inputs.image(media, "image")
     s = sampling(f, config)
     post = posterior(f)
-    req = build(lambda: ImageEdit(source, f.values.get("prompt"), preset, s, post, source=media.describe()), "prompt")
+    req = build(lambda: ImageEdit(source, f.values.get("prompt"), preset, s, post, source=media.describe(),
+                                  negative_prompt=f.values.get("negative_prompt")), "prompt")
     return Parsed("image", req, {"task": "image_edit", "prompt": req.instruction, "preset": preset, "n": n,
                                  "input": media.describe(), "posterior_mean": not post.sample,
-                                 "posterior_seed": post.seed, **sampling_settings(s)}, n, fmt)
+                                 "posterior_seed": post.seed, **sampling_settings(s), **steering(f, req)}, n, fmt)
 
 
 def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: Optional[str] = None) -> Parsed:
     """POST /v1/videos: text-to-video, image-to-video with `input_reference`, video edit with `video`."""
     f.check_known(("prompt", "size", "aspect_ratio", "resolution", "seconds", "num_frames", "fps", "input_reference",
-                   "video", "preset", "image_guidance_scale", *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "task"))
+                   "video", "preset", "image_guidance_scale", *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "task",
+                   "enhance_prompt"))
     fps = check_fps(f.number("fps", OUTPUT_FPS))
     reference = media_input(f, files, ("input_reference",), config)
     clip = media_input(f, files, ("video",), config)
@@ -340,7 +346,7 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
         raise InvalidRequestError("a video edit needs the video to edit as `video`", "video")
     if task == "t2v" and (reference is not None or clip is not None):
         raise InvalidRequestError("text-to-video takes no input media", "input_reference")
-    prompt = f.values.get("prompt")
+    prompt, negative = f.values.get("prompt"), f.values.get("negative_prompt")
     s = sampling(f, config)
     settings: Dict[str, Any] = {"task": task, "prompt": prompt, "fps": fps, **sampling_settings(s)}
     if task == "video_edit":
@@ -348,7 +354,8 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
         video_frames, source_fps = inputs.video(clip, "video", config.scratch)
         post = posterior(f)
         req = build(lambda: VideoEdit(video_frames, prompt, preset, source_fps, fps, s, post,
-                                      source=clip.describe()), "prompt")
+                                      source=clip.describe(), negative_prompt=negative), "prompt")
+        settings.update(steering(f, req))
         settings.update(preset=preset, input=clip.describe(), posterior_mean=not post.sample,
                         posterior_seed=post.seed)
         return Parsed("video", req, settings)
@@ -360,15 +367,28 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
             raise InvalidRequestError(f"resolution {resolution} is above this server's pixel limit", "resolution")
         first = inputs.image(reference, "input_reference")
         post = posterior(f)
-        req = build(lambda: ImageToVideo(prompt, first, n, resolution, fps, s, post, source=reference.describe()),
-                    "prompt")
+        req = build(lambda: ImageToVideo(prompt, first, n, resolution, fps, s, post, source=reference.describe(),
+                                         negative_prompt=negative), "prompt")
+        settings.update(steering(f, req))
         settings.update(resolution=resolution, input=reference.describe(), posterior_mean=not post.sample,
                         posterior_seed=post.seed)
         return Parsed("video", req, settings)
     w, h = size(f, config, "video")
-    req = build(lambda: TextToVideo(prompt, n, w, h, fps, s), "prompt")
-    settings.update(size=f"{w}x{h}")
+    req = build(lambda: TextToVideo(prompt, n, w, h, fps, s, negative), "prompt")
+    settings.update(size=f"{w}x{h}", **steering(f, req))
     return Parsed("video", req, settings)
+
+
+def steering(f: Fields, request) -> Dict[str, Any]:
+    """The settings of docs/steering.md a job keeps: its negative prompt and whether its prompt is enhanced (the
+    worker rewrites it and adds `revised_prompt`)."""
+    out: Dict[str, Any] = {"negative_prompt": request.negative_prompt} if request.negative_prompt else {}
+    if f.boolean("enhance_prompt"):
+        if request.task not in ENHANCE_TASKS:
+            raise InvalidRequestError(f"enhance_prompt applies to {', '.join(ENHANCE_TASKS)}, not {request.task}",
+                                      "enhance_prompt")
+        out["enhance_prompt"] = True
+    return out
 
 
 def media_input(f: Fields, files: Dict[str, Upload], names: Tuple[str, ...], config: ServerConfig):

@@ -24,6 +24,8 @@ def job_object(record: Dict[str, Any], position: int = 0) -> Dict[str, Any]:
            "outputs": [f"/v1/jobs/{record['id']}/content?index={i}" for i in range(len(record.get("outputs") or []))]}
     if record["object"] == "video":
         out.update(size=settings.get("size"), seconds=settings.get("seconds"))
+    if settings.get("revised_prompt"):  # OpenAI's name for the prompt a model rewrote (docs/steering.md)
+        out["revised_prompt"] = settings["revised_prompt"]
     if record["object"] == "chat.completion":
         out["answer"] = record.get("answer")
     if position:
