@@ -144,7 +144,7 @@ class Enhancer:
                                       "--enhance-prompt", "enhance_prompt")
 
     def rewrite(self, task: str, prompt: str, image=None, pipeline=None) -> str:
-        """The enhanced prompt, or a GenerationError (exit 1) naming what failed."""
+        """The enhanced prompt, or an EnhanceError (exit 1) naming what failed."""
         if self.endpoint:
             return rewrite_with_endpoint(self, task, prompt, image)
         return rewrite_with_checkpoint(pipeline, task, prompt, image)
@@ -155,7 +155,7 @@ class Enhancer:
         self.check(request.task)
         try:
             revised = self.rewrite(request.task, request.prompt, getattr(request, "image", None), pipeline)
-        except GenerationError as e:
+        except EnhanceError as e:
             if not self.fallback:
                 raise
             (warn or _stderr)(f"warning: {e}; generating from the original prompt")
@@ -163,12 +163,16 @@ class Enhancer:
         return dataclasses.replace(request, prompt=revised), revised
 
 
+class EnhanceError(GenerationError):
+    """The rewrite failed (endpoint unreachable or refusing, empty answer): exit 1, HTTP 502 from the server."""
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _failed(what: str, fix: str) -> GenerationError:
-    return GenerationError(f"prompt enhancement failed: {what}; {fix}, or pass --enhance-prompt fallback to "
+def _failed(what: str, fix: str) -> EnhanceError:
+    return EnhanceError(f"prompt enhancement failed: {what}; {fix}, or pass --enhance-prompt fallback to "
                            "generate from the original prompt")
 
 
@@ -322,6 +326,6 @@ def check_run(enhancer: Enhancer, task: str, shared_over_ranks: bool, batch_item
                                   "--enhance-endpoint, or --parallel cfg", "enhance_prompt")
 
 
-__all__ = ["CHECKPOINT_MAX_TOKENS", "Enhancer", "EXAMPLES", "TASKS", "add_enhance_args", "check_run",
+__all__ = ["CHECKPOINT_MAX_TOKENS", "EnhanceError", "Enhancer", "EXAMPLES", "TASKS", "add_enhance_args", "check_run",
            "enhance_for_run", "enhancer_from_args", "rewrite_instruction", "rewrite_with_checkpoint",
            "rewrite_with_endpoint", "text_prompt"]

@@ -12,7 +12,7 @@ from PIL import Image
 from lance_mlx import enhance as E
 from lance_mlx import tasks as T
 from lance_mlx.config import SamplingParams
-from lance_mlx.errors import GenerationError, InvalidRequestError
+from lance_mlx.errors import InvalidRequestError
 from tiny_checkpoints import tiny_pipeline
 
 REVISED = "A close-up shows a red fox curled in fresh snow, soft morning light on its fur."
@@ -68,7 +68,7 @@ def test_environment_variables_as_upstream(stub, monkeypatch):
 
 def test_endpoint_down_is_one_clear_error():
     req = T.TextToImage("a fox", 32, 32)
-    with pytest.raises(GenerationError, match="cannot reach http://127.0.0.1") as e:
+    with pytest.raises(E.EnhanceError, match="cannot reach http://127.0.0.1") as e:
         E.Enhancer(endpoint=closed_url(), model="m").apply(req)
     assert e.value.exit_code == 1 and "\n" not in str(e.value) and "fallback" in str(e.value)
 
@@ -82,7 +82,7 @@ def test_fallback_keeps_the_original_prompt_with_a_warning():
 
 
 def test_empty_answer_is_an_error():
-    with ChatStub("  ") as s, pytest.raises(GenerationError, match="empty prompt"):
+    with ChatStub("  ") as s, pytest.raises(E.EnhanceError, match="empty prompt"):
         E.Enhancer(endpoint=s.url, model="m").apply(T.TextToImage("a fox", 32, 32))
 
 
