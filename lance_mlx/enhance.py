@@ -149,7 +149,8 @@ class Enhancer:
             return rewrite_with_endpoint(self, task, prompt, image)
         return rewrite_with_checkpoint(pipeline, task, prompt, image)
 
-    def apply(self, request, pipeline=None, warn: Callable[[str], Any] = None) -> Tuple[Any, Optional[str]]:
+    def apply(self, request, pipeline=None, warn: Optional[Callable[[str], Any]] = None
+              ) -> Tuple[Any, Optional[str]]:
         """(request with the enhanced prompt, the enhanced prompt) — or with `fallback`, after a failure, (request,
         None) and a warning through `warn` (default: a line on stderr)."""
         self.check(request.task)
@@ -244,20 +245,20 @@ def rewrite_with_checkpoint(pipeline, task: str, prompt: str, image=None, max_to
                                       "the pipeline with task='video_edit'")
         embeds = U.encode_visual(vit, visual.vit_patches, visual.grid_thw)
         llm = pipeline.config.llm
-        prompt_ = U.build_prompt(pipeline.tokenizer, visual.grid_thw, "image", instruction, vit_embeds=embeds,
-                                 system=SYSTEM_PROMPT, spatial_merge_size=llm.spatial_merge_size,
-                                 tokens_per_second=llm.tokens_per_second)
+        chat = U.build_prompt(pipeline.tokenizer, visual.grid_thw, "image", instruction, vit_embeds=embeds,
+                              system=SYSTEM_PROMPT, spatial_merge_size=llm.spatial_merge_size,
+                              tokens_per_second=llm.tokens_per_second)
         if pipeline.low_memory:
             import mlx.core as mx
 
             mx.eval(embeds)
             pipeline.release("vit")
     else:
-        prompt_ = text_prompt(pipeline.tokenizer, instruction)
-    cache = U.prefill(model, prompt_)
+        chat = text_prompt(pipeline.tokenizer, instruction)
+    cache = U.prefill(model, chat)
     vocab = len(pipeline.tokenizer)
     ids = []
-    for tok, _ in U.decode_tokens(model, cache, prompt_.last_token, prompt_.last_position, max_tokens,
+    for tok, _ in U.decode_tokens(model, cache, chat.last_token, chat.last_position, max_tokens,
                                   U.make_sampler(0.0), vocab):
         if tok == IM_END:
             break

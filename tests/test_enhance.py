@@ -107,8 +107,7 @@ def test_instructions_are_ours_per_task():
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
-def test_checkpoint_rewrite_is_greedy_text_of_its_own_expert(pipe, monkeypatch):
-    monkeypatch.setattr(E, "CHECKPOINT_MAX_TOKENS", 8)
+def test_checkpoint_rewrite_is_greedy_text_of_its_own_expert(pipe):
     text = E.rewrite_with_checkpoint(pipe, "t2i", "a red fox", max_tokens=8)
     assert text and text == E.rewrite_with_checkpoint(pipe, "t2i", "a red fox", max_tokens=8)  # greedy: repeats
     # the prompt it decoded from: the system prompt and our instruction as one chat turn, positions 0..L-1
@@ -124,7 +123,6 @@ def test_checkpoint_rewrite_of_i2v_sees_the_image(pipe):
 
 
 def test_checkpoint_rewrite_flows_into_generation(pipe, monkeypatch):
-    monkeypatch.setattr(E, "CHECKPOINT_MAX_TOKENS", 6)
     calls = []
     orig = E.rewrite_with_checkpoint
 

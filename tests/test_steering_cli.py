@@ -112,6 +112,16 @@ def test_checkpoint_enhancement(files):
     assert text["enhanced_by"] == "checkpoint" and text["revised_prompt"] and text["prompt"] == "a lighthouse"
 
 
+def test_checkpoint_enhancement_of_image_to_video_sees_the_frame(files):
+    """The run loads the ViT with the video checkpoint (bundled there) to show it the first frame."""
+    out = files / "i2v.mp4"
+    r = ok(run("inference.py", files, "--prompt", "the boat sails away", "--image", files / "img.png", "--frames", 5,
+               "--resolution", 64, "--out", out, "--enhance-prompt", "--metadata-json"))
+    assert "[enhanced prompt, checkpoint] " in r.stderr and out.exists()
+    meta = json.loads((files / "i2v.mp4.json").read_text())
+    assert meta["prompt"] == "the boat sails away" and meta["revised_prompt"] and meta["enhanced_by"] == "checkpoint"
+
+
 @pytest.mark.parametrize("args,msg", [(["--enhance-endpoint", "http://127.0.0.1:1/v1"], "need --enhance-prompt"),
                                       (["--enhance-prompt", "--enhance-endpoint", "http://127.0.0.1:1/v1"],
                                        "needs a model name")])
