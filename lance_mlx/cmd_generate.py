@@ -101,8 +101,14 @@ def run_one(args) -> int:
     if not enhancer.needs_model:  # an endpoint rewrites before anything loads
         generate_to_file(args, enhance_for_run(enhancer, request, meta), out, phase, meta)
         return 0
-    cli.generate_to_file(args, request, out, phase, meta, load=_load_for_enhancement,
-                         rewrite=lambda pipe, req: enhance_for_run(enhancer, req, meta, pipe))
+    def rewrite(pipe, req):
+        req = enhance_for_run(enhancer, req, meta, pipe)
+        if req.task == "i2v":  # the ViT only showed the frame to the rewriter: free it before denoising
+            pipe.vit = None
+            pipe.release()
+        return req
+
+    cli.generate_to_file(args, request, out, phase, meta, load=_load_for_enhancement, rewrite=rewrite)
     return 0
 
 

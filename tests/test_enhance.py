@@ -98,6 +98,16 @@ def test_edits_are_not_enhanced():
         E.Enhancer(endpoint="http://127.0.0.1:1/v1", model="m").apply(T.ImageEdit(frame(), "make it pink"))
 
 
+def test_runs_that_cannot_enhance_are_refused():
+    endpoint, checkpoint = E.Enhancer(endpoint="http://127.0.0.1:1/v1", model="m"), E.Enhancer()
+    with pytest.raises(InvalidRequestError, match="one process"):
+        E.check_run(endpoint, "t2v", shared_over_ranks=True, batch_item=False)
+    with pytest.raises(InvalidRequestError, match="--prompts-file use --enhance-endpoint"):
+        E.check_run(checkpoint, "t2i", shared_over_ranks=False, batch_item=True)
+    E.check_run(endpoint, "t2i", shared_over_ranks=False, batch_item=True)  # each batch item is its own output
+    E.check_run(checkpoint, "i2v", shared_over_ranks=False, batch_item=False)
+
+
 def test_instructions_are_ours_per_task():
     for task in E.TASKS:
         text = E.rewrite_instruction(task, "  a fox  ")
