@@ -350,7 +350,7 @@ class Engine:
         job.events.emit({"type": "loading", "checkpoint": request.checkpoint})
         pipe = self._pipeline(request.checkpoint, request.task)
         if job.settings.get("enhance_prompt"):
-            request = job.request = self._enhance(job, pipe)
+            request = self._enhance(job, pipe)  # job.request keeps the prompt as asked
         steps = request.sampling.steps
         image = isinstance(request, (TextToImage, ImageEdit))
         fps = getattr(request, "fps", OUTPUT_FPS)

@@ -38,7 +38,7 @@ def images_response(job: Job, config: ServerConfig, response_format: str, base_u
     OpenAI's, on the address the request came to."""
     data = []
     for i, name in enumerate(job.outputs):
-        item: Dict[str, Any] = {"revised_prompt": job.request.text}
+        item: Dict[str, Any] = {"revised_prompt": job.settings.get("revised_prompt") or job.request.text}
         if response_format == "url":
             item["url"] = f"{base_url.rstrip('/')}/v1/jobs/{job.id}/content?index={i}"
         else:
