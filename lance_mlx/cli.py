@@ -72,6 +72,9 @@ def add_sampling_args(p: argparse.ArgumentParser, image_guidance: bool = False) 
     """Denoising settings; defaults and help come from `config.SamplingParams` (upstream's, defined once)."""
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=D.steps, help=f"denoising steps (default {D.steps})")
+    g.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help="what to steer away from: the guidance branches that drop the prompt carry this text in its "
+                        "place (default empty: upstream's unconditional branch; docs/steering.md)")
     g.add_argument("--cfg", "--cfg-text", dest="cfg", type=float, default=D.cfg_text,
                    help=f"text guidance scale; 1 or less is off (default {D.cfg_text:g})")
     if image_guidance:
@@ -210,12 +213,13 @@ def _load_pipeline(args, request):
 
 
 def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict, *, load=_load_pipeline,
-                     denoise=None, role: RunRole = RunRole()) -> None:
+                     denoise=None, role: RunRole = RunRole(), rewrite=None) -> None:
     """The generation commands' run: load (request checked first), plan, denoise with a bar, decode and write `out`
     with `metadata` plus the settings, sizes and model; per-phase time and peak memory on stderr.
 
     `load(args, request)` gives the pipeline and `denoise(pipe, plan)` the step generator (default
-    `pipe.denoise(plan)`); distributed.py passes its own for runs over several ranks."""
+    `pipe.denoise(plan)`); distributed.py passes its own for runs over several ranks. `rewrite(pipe, request)`
+    gives the request to generate once the pipeline is loaded (prompt enhancement with the checkpoint)."""
     from .config import OUTPUT_FPS
     from .media import SOFTWARE
 
@@ -226,6 +230,9 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     timer = PhaseTimer(stream=sys.stderr if role.shows else io.StringIO())
     with timer.phase("load"):
         pipe = load(args, request)
+    if rewrite is not None:
+        with timer.phase("enhance prompt"):
+            request = rewrite(pipe, request)
     with timer.phase(encode_phase):
         plan = pipe.plan(request)
     if role.writes and not size_known:

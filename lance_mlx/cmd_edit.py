@@ -49,9 +49,9 @@ def build_request(args):
     sampling, posterior = sampling_from_args(args), posterior_from_args(args)
     if args.video is not None:
         return VideoEdit(args.video, args.instruction, args.preset or VIDEO_PRESET, fps=args.fps, sampling=sampling,
-                         posterior=posterior, source=str(args.video))
+                         posterior=posterior, source=str(args.video), negative_prompt=args.negative_prompt)
     return ImageEdit(args.image, args.instruction, args.preset or IMAGE_EDIT_PRESET, sampling, posterior,
-                     source=str(args.image))
+                     source=str(args.image), negative_prompt=args.negative_prompt)
 
 
 def run(args) -> int:
@@ -64,6 +64,8 @@ def run_one(args) -> int:
     request = build_request(args)
     meta = {"instruction": args.instruction, "source": request.source, "preset": request.preset.name,
             "posterior": request.posterior.describe()}
+    if request.negative_prompt:
+        meta["negative_prompt"] = request.negative_prompt
     generate_to_file(args, request, out, "encode source (ViT + VAE)", meta)
     return 0
 

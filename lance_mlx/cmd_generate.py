@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import cli
 from .cli import (
     add_model_args,
     add_output_args,
@@ -18,7 +19,8 @@ from .cli import (
     sampling_from_args,
 )
 from .config import OUTPUT_FPS
-from .distributed import add_parallel_args, generate_to_file, run_prompts
+from .distributed import add_parallel_args, generate_to_file, run_prompts, world
+from .enhance import add_enhance_args, check_run, enhance_for_run, enhancer_from_args
 from .errors import InvalidRequestError
 from .media import check_output
 from .tasks import I2V_RESOLUTION, MAX_FRAMES, ImageToVideo, TextToImage, TextToVideo
@@ -46,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"RESOLUTION² pixels (default {VIDEO_RESOLUTION}, upstream's video_480p)")
     add_posterior_args(v, "the first frame (also seeds its pixel noise)")
     add_sampling_args(p)
+    add_enhance_args(p)
     add_parallel_args(p, "prompt")
     add_model_args(p)
     return p.parse_args(argv)
@@ -64,14 +67,15 @@ def build_request(args):
                                       f"got {args.frames}")
         resolution = VIDEO_RESOLUTION if args.resolution is None else args.resolution
         return ImageToVideo(args.prompt, args.image, args.frames, resolution, args.fps,
-                            sampling, posterior_from_args(args), source=str(args.image))
+                            sampling, posterior_from_args(args), source=str(args.image),
+                            negative_prompt=args.negative_prompt)
     video = args.frames != 1
     aspect = args.aspect or (VIDEO_ASPECT if video else IMAGE_ASPECT)
     default_resolution = VIDEO_RESOLUTION if video else IMAGE_RESOLUTION
     width, height = resolve_size(args, aspect, default_resolution if args.resolution is None else args.resolution)
     if video:
-        return TextToVideo(args.prompt, args.frames, width, height, args.fps, sampling)
-    return TextToImage(args.prompt, width, height, sampling)
+        return TextToVideo(args.prompt, args.frames, width, height, args.fps, sampling, args.negative_prompt)
+    return TextToImage(args.prompt, width, height, sampling, args.negative_prompt)
 
 
 def run(args) -> int:
@@ -82,11 +86,38 @@ def run_one(args) -> int:
     video = args.frames != 1 or args.image is not None
     out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
     request = build_request(args)
+    enhancer = enhancer_from_args(args)
     meta = {"prompt": args.prompt}
+    if request.negative_prompt:
+        meta["negative_prompt"] = request.negative_prompt
     if request.task == "i2v":
         meta.update(image=request.source, resolution=request.resolution, posterior=request.posterior.describe())
-    generate_to_file(args, request, out, "encode first frame (VAE)" if request.task == "i2v" else "prepare", meta)
+    phase = "encode first frame (VAE)" if request.task == "i2v" else "prepare"
+    if enhancer is None:
+        generate_to_file(args, request, out, phase, meta)
+        return 0
+    batch_item = getattr(args, "batch_item", False)
+    check_run(enhancer, request.task, world().size() > 1 and not batch_item, batch_item)
+    if not enhancer.needs_model:  # an endpoint rewrites before anything loads
+        generate_to_file(args, enhance_for_run(enhancer, request, meta), out, phase, meta)
+        return 0
+    def rewrite(pipe, req):
+        req = enhance_for_run(enhancer, req, meta, pipe)
+        if req.task == "i2v":  # the ViT only showed the frame to the rewriter: free it before denoising
+            pipe.vit = None
+            pipe.release()
+        return req
+
+    cli.generate_to_file(args, request, out, phase, meta, load=_load_for_enhancement, rewrite=rewrite)
     return 0
+
+
+def _load_for_enhancement(args, request):
+    """The pipeline of a run the checkpoint enhances: image-to-video also loads the ViT, to show it the image."""
+    from .pipeline import LancePipeline
+
+    task = "video_edit" if request.task == "i2v" else request.task  # same checkpoint, with the ViT
+    return LancePipeline.from_pretrained(args.model, task=task, request=request, **cli.pipeline_options(args))
 
 
 def main(argv=None) -> int:

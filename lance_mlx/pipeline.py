@@ -177,8 +177,10 @@ class LancePipeline:
                                         request.posterior.seed)
             model.latent_pos.check(inputs.latent_shape)
             seq = inputs.sequence(ids, kind, tokenizer=self.tokenizer)
+        seq = seq.with_negative(self.tokenize(request.negative_prompt) if request.negative_prompt else None)
         model.latent_pos.check(seq.splits[seq.noise_index].grid)
         model._check_length(seq, len(ids))
+        _check_negative_length(seq, len(ids), self.config.llm.max_position_embeddings)
         if self.low_memory:  # the encoders are done: evaluate what they made, then let them go
             mx.eval([sp.data for sp in seq.splits if isinstance(sp.data, mx.array)], s.noise)
             self.release("vit", "vae")
@@ -250,18 +252,21 @@ class LancePipeline:
     def generate_image(self, prompt: str, width: int = 768, height: int = 768,
                        sampling: Optional[SamplingParams] = None, **settings) -> Image.Image:
         """Text-to-image with upstream's defaults (768², 30 steps, shift 3.5, CFG 4.0, seed 42); `settings` are
-        `SamplingParams` fields (steps, cfg_text, seed, ...) applied over `sampling`."""
-        return self.run(TextToImage(prompt, width, height, _settings(sampling, settings)))
+        `SamplingParams` fields (steps, cfg_text, seed, ...) applied over `sampling`; `negative_prompt=` steers away
+        from a text (docs/steering.md)."""
+        extra = _pop(settings, "negative_prompt")
+        return self.run(TextToImage(prompt, width, height, _settings(sampling, settings), **extra))
 
     def generate_video(self, prompt: str, num_frames: int = 49, width: Optional[int] = None,
                        height: Optional[int] = None, image=None, sampling: Optional[SamplingParams] = None,
                        **settings) -> np.ndarray:
         """Text-to-video, or image-to-video with `image` (the video then takes the image's bucketed size; pass
         `resolution=` for another bucket area than 640²). Returns (T, H, W, 3) uint8 frames."""
-        extra = _pop(settings, "resolution", "posterior")
+        extra = _pop(settings, "resolution", "posterior", "negative_prompt")
         params = _settings(sampling, settings)
         if image is None:
-            req = TextToVideo(prompt, num_frames, width or 848, height or 480, sampling=params)
+            negative = _pop(extra, "negative_prompt")
+            req = TextToVideo(prompt, num_frames, width or 848, height or 480, sampling=params, **negative)
         elif width is not None or height is not None:
             raise InvalidRequestError("image-to-video takes its size from the image (bucketed to about "
                                       "resolution² pixels, as upstream); leave width and height unset")
@@ -272,13 +277,13 @@ class LancePipeline:
     def edit_image(self, image, instruction: str, sampling: Optional[SamplingParams] = None,
                    **settings) -> Image.Image:
         """Edit an image as `instruction` says (upstream image_edit); `preset=`/`posterior=` as `tasks.ImageEdit`."""
-        extra = _pop(settings, "preset", "posterior")
+        extra = _pop(settings, "preset", "posterior", "negative_prompt")
         return self.run(ImageEdit(image, instruction, sampling=_settings(sampling, settings), **extra))
 
     def edit_video(self, video, instruction: str, sampling: Optional[SamplingParams] = None,
                    **settings) -> np.ndarray:
         """Edit a video as `instruction` says (upstream video_edit); options as `tasks.VideoEdit`."""
-        extra = _pop(settings, "preset", "posterior", "input_fps")
+        extra = _pop(settings, "preset", "posterior", "input_fps", "negative_prompt")
         return self.run(VideoEdit(video, instruction, sampling=_settings(sampling, settings), **extra))
 
     def understand(self, media, question: Optional[str] = None, stream: bool = False, **options):
@@ -303,9 +308,23 @@ def check_checkpoint(kind: Optional[str], task: str, where: str) -> None:
                        f"folder written by {how}")
 
 
+def _check_negative_length(seq: Sequence, n_prompt: int, limit: int) -> None:
+    """The negative prompt's branch fits the context window too (it is the longer one when the negative is)."""
+    n = len(seq) - n_prompt + (len(seq.negative) if seq.negative is not None else 0)
+    if n > limit:
+        raise InvalidRequestError(f"with the negative prompt the unconditional branch has {n} tokens but the context "
+                                  f"limit is {limit}; shorten the negative prompt or use a smaller latent grid")
+
+
 def count_text_tokens(tokenizer, request: Request) -> None:
     if request.text is not None:
         check_token_count(len(tokenizer(request.text, add_special_tokens=False)["input_ids"]), request.text_field)
+    if request.negative_prompt:
+        try:
+            check_token_count(len(tokenizer(request.negative_prompt, add_special_tokens=False)["input_ids"]),
+                              "negative prompt")
+        except InvalidRequestError as e:
+            raise InvalidRequestError(str(e), "negative_prompt") from None
 
 
 def _settings(sampling: Optional[SamplingParams], settings: Dict[str, Any]) -> SamplingParams:

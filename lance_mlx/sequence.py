@@ -9,6 +9,7 @@ from typing import Sequence as Seq
 import numpy as np
 
 from .config import IM_END, IM_START, IMAGE_PAD, NEWLINE, VIDEO_PAD, VISION_END, VISION_START  # noqa: F401
+from .positions import attention_mask, get_rope_index  # noqa: F401  (re-exported: part of the layout API)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Template words as Qwen2.5 token ids (checked against the tokenizer in tests/test_sequence.py).
@@ -282,54 +283,6 @@ def edit_sequence(instruction_ids, vit_grid, latent_shape, vision_type: str = "i
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def get_rope_index(input_ids, grids: Seq[Tuple[int, int, int]], *, spatial_merge_size: int = 2,
-                   tokens_per_second: int = 2, second_per_grid_t: float = 1.0,
-                   vision_start: int = VISION_START, image_pad: int = IMAGE_PAD,
-                   video_pad: int = VIDEO_PAD) -> np.ndarray:
-    """3-D mRoPE positions (3, L), a port of upstream modeling/lance/qwen2_navit.py::get_rope_index.
-
-    `grids` lists every visual block in order as passed upstream, i.e. before the 2x2 merge: ViT blocks
-    (T/2, H/14, W/14), VAE blocks (t, 2h, 2w). Upstream hands the same list as image and video grids, each
-    with its own running index. Body token (ti, hi, wi) of a block whose <|vision_start|> sits at P gets
-    (P+1+int(ti*second_per_grid_t*tokens_per_second), P+1+hi, P+1+wi); text continues from the max + 1.
-    """
-    ids = [int(i) for i in _ids(input_ids)]
-    n_tok = len(ids)
-    if not grids:
-        return np.broadcast_to(np.arange(n_tok, dtype=np.int64), (3, n_tok)).copy()
-    starts = [i for i, x in enumerate(ids) if x == vision_start and i + 1 < n_tok]
-    nxt = [ids[i + 1] for i in starts]
-    remain_images, remain_videos = nxt.count(image_pad), nxt.count(video_pad)
-    image_index = video_index = 0
-    pieces: List[np.ndarray] = []
-    st = 0
-    for _ in range(remain_images + remain_videos):
-        ed_image = ids.index(image_pad, st) if (image_pad in ids and remain_images > 0) else n_tok + 1
-        ed_video = ids.index(video_pad, st) if (video_pad in ids and remain_videos > 0) else n_tok + 1
-        if ed_image < ed_video:
-            grid, sec = grids[image_index], 0.0
-            image_index, remain_images, ed = image_index + 1, remain_images - 1, ed_image
-        else:
-            grid, sec = grids[video_index], second_per_grid_t
-            video_index, remain_videos, ed = video_index + 1, remain_videos - 1, ed_video
-        gt, gh, gw = int(grid[0]), int(grid[1]) // spatial_merge_size, int(grid[2]) // spatial_merge_size
-        text_len = ed - st
-        st_idx = int(pieces[-1].max()) + 1 if pieces else 0
-        pieces.append(np.broadcast_to(np.arange(text_len, dtype=np.int64) + st_idx, (3, text_len)))
-        # upstream forms the temporal product in float32 and truncates
-        t_idx = (np.arange(gt, dtype=np.float32) * np.float32(sec) * np.float32(tokens_per_second)).astype(np.int64)
-        t_index = np.repeat(t_idx, gh * gw)
-        h_index = np.tile(np.repeat(np.arange(gh, dtype=np.int64), gw), gt)
-        w_index = np.tile(np.arange(gw, dtype=np.int64), gt * gh)
-        pieces.append(np.stack([t_index, h_index, w_index]) + text_len + st_idx)
-        st = ed + gt * gh * gw
-    if st < n_tok:
-        st_idx = int(pieces[-1].max()) + 1 if pieces else 0
-        text_len = n_tok - st
-        pieces.append(np.broadcast_to(np.arange(text_len, dtype=np.int64) + st_idx, (3, text_len)))
-    return np.concatenate(pieces, axis=1)
-
-
 def shift_position_ids(position_ids: np.ndarray, attn_modes: Seq[str], modality: np.ndarray) -> np.ndarray:
     """Upstream data/common.py::shift_position_ids (pro_type 10), applied when a full/full_noise split exists.
 
@@ -349,23 +302,6 @@ def shift_position_ids(position_ids: np.ndarray, attn_modes: Seq[str], modality:
     if pos[:, m2].sum() != 0 and m2.sum() == m1.sum():
         pos[:, m1] = pos[:, m2]
     return pos
-
-
-def attention_mask(split_lens: Seq[int], attn_modes: Seq[str]) -> np.ndarray:
-    """(L, L) boolean mask of upstream data/data_utils.py::create_sparse_mask (True = may attend).
-
-    Allowed(q, k) = (k <= q or q, k in the same full/noise split) and not (k in a noise split other than q's).
-    """
-    modes = ["full" if m in ("full_noise", "full_noise_target") else m for m in attn_modes]
-    full_id = np.concatenate([np.full(n, i if m in ("full", "noise") else -1) for i, (n, m) in
-                              enumerate(zip(split_lens, modes))])
-    noise_id = np.concatenate([np.full(n, i if m == "noise" else -1) for i, (n, m) in
-                               enumerate(zip(split_lens, modes))])
-    n = len(full_id)
-    q, k = np.arange(n)[:, None], np.arange(n)[None, :]
-    allowed = (k <= q) | ((full_id[:, None] == full_id[None, :]) & (full_id[:, None] >= 0))
-    blocked = (noise_id[None, :] >= 0) & (noise_id[:, None] != noise_id[None, :])
-    return allowed & ~blocked
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,6 +339,8 @@ class Sequence:
     splits: List[Split] = field(default_factory=list)
     spatial_merge_size: int = 2
     tokens_per_second: int = 2
+    # The negative prompt: text the branches that drop the prompt carry in its place (None: upstream's branches)
+    negative: Optional[Split] = None
 
     @property
     def input_ids(self) -> np.ndarray:
@@ -444,15 +382,31 @@ class Sequence:
         return self._positions(self.input_ids, self.attn_modes, self.modality)
 
     def position_ids_without(self, drop_modalities: Seq[int]) -> np.ndarray:
-        """Positions recomputed on the sequence with the tokens of `drop_modalities` removed (3, L_kept)."""
-        starts = np.cumsum([0] + self.split_lens)
-        keep = ~np.isin(self.modality, np.asarray(list(drop_modalities), dtype=np.int64))
-        # upstream get_uncond_attn_modes_split_lens: the attention modes of the splits kept whole
-        kept_modes = [s.attn for i, s in enumerate(self.splits) if keep[starts[i]:starts[i + 1]].all()]
-        # the grids of the visual blocks that remain (a dropped ViT / conditioning block takes its grid along)
-        visual = [keep[starts[i]:starts[i + 1]].all() for i, s in enumerate(self.splits) if s.kind != "text"]
-        grids = [g for g, kept in zip(self.rope_grids, visual) if kept]
-        return self._positions(self.input_ids[keep], kept_modes, self.modality[keep], grids)
+        """Positions recomputed on the sequence with the tokens of `drop_modalities` removed (3, L_kept); when the
+        prompt is dropped and a negative prompt is set, the negative's tokens stand in the prompt's place."""
+        drop = np.asarray(list(drop_modalities), dtype=np.int64)
+        ids, modality, kept_modes, grids = [], [], [], []
+        visual = iter(self.rope_grids)
+        for s in self.splits:
+            grid = next(visual) if s.kind != "text" else None
+            s = self._stand_in(s, drop_modalities)
+            keep = np.ones(len(s), dtype=bool) if s is self.negative else ~np.isin(s.modality, drop)
+            ids.append(s.ids[keep])
+            modality.append(s.modality[keep])
+            if keep.all():  # upstream get_uncond_attn_modes_split_lens: the modes of the splits kept whole
+                kept_modes.append(s.attn)
+                grids += [grid] if grid is not None else []  # a dropped visual block takes its grid along
+        return self._positions(np.concatenate(ids), kept_modes, np.concatenate(modality), grids)
+
+    def _stand_in(self, split: Split, drop_modalities: Seq[int]) -> Split:
+        """The negative prompt in place of the prompt's split, in a branch that drops the prompt."""
+        dropped = MODALITY_TEXT in drop_modalities and split.modality[0] == MODALITY_TEXT
+        return self.negative if dropped and self.negative is not None else split
+
+    def with_negative(self, negative_ids) -> "Sequence":
+        """This sequence with a negative prompt (token ids; empty: none, i.e. upstream's branches)."""
+        ids = _ids(negative_ids if negative_ids is not None else [])
+        return replace(self, negative=Split(ids, "causal", MODALITY_TEXT) if ids.size else None)
 
     @property
     def noise_index(self) -> int:
@@ -467,7 +421,9 @@ class Sequence:
         Upstream lance.py::validation_gen_KVcache: a context split is kept when its FIRST token's modality is
         not dropped, and keeps its conditional position ids; the noise block takes the positions computed by
         get_rope_index + shift_position_ids on the token sequence with the dropped tokens removed, read at the
-        kept context's length.
+        kept context's length. With a negative prompt (`with_negative`), a branch that drops the prompt carries
+        the negative's split in its place, positioned like the noise block: on that shortened sequence with the
+        negative's tokens in the prompt's place (docs/steering.md).
         """
         pos = self.position_ids()
         k = self.noise_index
@@ -475,14 +431,18 @@ class Sequence:
         drop = np.isin(self.modality, np.asarray(list(drop_modalities), dtype=np.int64))
         ctx, ctx_pos = [], []
         for i in range(k):
-            s = self.splits[i]
-            if s.modality[0] not in drop_modalities:
+            s = self._stand_in(self.splits[i], drop_modalities)
+            if s is self.negative:  # its positions follow the kept tokens before it, on the shortened sequence
+                ctx.append(s)
+                ctx_pos.append(int((~drop[:starts[i]]).sum()))
+            elif s.modality[0] not in drop_modalities:
                 ctx.append(s)
                 ctx_pos.append(pos[:, starts[i]:starts[i + 1]])
         noise = self.splits[k]
         if not drop.any():
             return Branch(ctx, ctx_pos, noise, pos[:, starts[k]:starts[k + 1]])
         upos = self.position_ids_without(drop_modalities)
+        ctx_pos = [upos[:, p:p + len(s)] if isinstance(p, int) else p for s, p in zip(ctx, ctx_pos)]
         kv_len = sum(len(s) for s in ctx)
         return Branch(ctx, ctx_pos, noise, upos[:, kv_len:kv_len + len(noise)])
 

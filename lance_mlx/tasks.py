@@ -70,6 +70,13 @@ def check_token_count(n_tokens: int, what: str) -> None:
                                   "shorten it")
 
 
+def check_negative_prompt(text) -> str:
+    """The negative prompt: "" (none: upstream's unconditional branch) or text checked as a prompt."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return ""
+    return check_text(text, "negative prompt", "say what to steer away from, or leave it empty")
+
+
 def check_size(width, height) -> Tuple[int, int]:
     """(width, height) as ints: positive multiples of 16 up to 1024 (the 3-D position table's 64 latents)."""
     out = []
@@ -212,6 +219,7 @@ class Request:
     task: ClassVar[str]
     checkpoint: ClassVar[str]
     text_field: ClassVar[str] = "prompt"
+    negative_prompt: str = ""  # the generation requests' field (docs/steering.md); none for understanding
 
     @property
     def text(self) -> Optional[str]:
@@ -238,9 +246,11 @@ class TextToImage(Request):
     width: int = IMAGE_SIZE[0]
     height: int = IMAGE_SIZE[1]
     sampling: SamplingParams = DEFAULT_SAMPLING
+    negative_prompt: str = ""
 
     def __post_init__(self):
         check_text(self.prompt, "prompt", "describe the image to generate")
+        self._set(negative_prompt=check_negative_prompt(self.negative_prompt))
         w, h = check_size(self.width, self.height)
         self._set(width=w, height=h, sampling=_sampling(self.sampling))
         _reject_image_guidance(self.sampling, "text-to-image")
@@ -262,9 +272,11 @@ class TextToVideo(Request):
     height: int = VIDEO_SIZE[1]
     fps: float = OUTPUT_FPS
     sampling: SamplingParams = DEFAULT_SAMPLING
+    negative_prompt: str = ""
 
     def __post_init__(self):
         check_text(self.prompt, "prompt", "describe the video to generate")
+        self._set(negative_prompt=check_negative_prompt(self.negative_prompt))
         latent_frames(self.num_frames, "frame count")
         w, h = check_size(self.width, self.height)
         self._set(width=w, height=h, fps=check_fps(self.fps), sampling=_sampling(self.sampling))
@@ -289,9 +301,11 @@ class ImageToVideo(Request):
     sampling: SamplingParams = DEFAULT_SAMPLING
     posterior: Posterior = field(default_factory=Posterior)
     source: str = field(default="", compare=False)
+    negative_prompt: str = ""
 
     def __post_init__(self):
         check_text(self.prompt, "prompt", "describe the video to generate")
+        self._set(negative_prompt=check_negative_prompt(self.negative_prompt))
         if latent_frames(self.num_frames, "frame count") < 2:
             raise InvalidRequestError(f"image-to-video needs at least {MIN_I2V_FRAMES} frames (the image, then 4k "
                                       f"more), got {self.num_frames}; use 5, 9, ... (4k+1)")
@@ -320,9 +334,11 @@ class ImageEdit(Request):
     sampling: SamplingParams = DEFAULT_SAMPLING
     posterior: Posterior = field(default_factory=Posterior)
     source: str = field(default="", compare=False)
+    negative_prompt: str = ""
 
     def __post_init__(self):
         check_text(self.instruction, "instruction", 'say what to change, e.g. "make the sky pink"')
+        self._set(negative_prompt=check_negative_prompt(self.negative_prompt))
         self._set(preset=check_preset(self.preset), sampling=_sampling(self.sampling),
                   source=self.source or _describe(self.image), image=load_image_input(self.image, "the input image"))
 
@@ -343,9 +359,11 @@ class VideoEdit(Request):
     sampling: SamplingParams = DEFAULT_SAMPLING
     posterior: Posterior = field(default_factory=Posterior)
     source: str = field(default="", compare=False)
+    negative_prompt: str = ""
 
     def __post_init__(self):
         check_text(self.instruction, "instruction", 'say what to change, e.g. "make the sky pink"')
+        self._set(negative_prompt=check_negative_prompt(self.negative_prompt))
         if self.input_fps is not None:
             check_fps(self.input_fps, "input fps")
         frames, fps = load_video_input(self.video, self.input_fps)
@@ -423,6 +441,6 @@ REQUEST_TYPES = (TextToImage, TextToVideo, ImageToVideo, ImageEdit, VideoEdit, U
 
 __all__ = [
     "GenerationRequest", "ImageEdit", "ImageToVideo", "MAX_FRAMES", "MAX_PROMPT_TOKENS", "Posterior", "Request",
-    "TextToImage", "TextToVideo", "Understand", "VideoEdit", "check_size", "check_text", "check_token_count",
-    "latent_frames", "latent_grid", "nearest_valid_frames",
+    "TextToImage", "TextToVideo", "Understand", "VideoEdit", "check_negative_prompt", "check_size", "check_text",
+    "check_token_count", "latent_frames", "latent_grid", "nearest_valid_frames",
 ]

@@ -86,7 +86,7 @@ def test_image_generation_b64_and_url(served):
     ({"prompt": "x", "response_format": "jpeg"}, "response_format"),
     ({"prompt": "x", "aspect_ratio": "2:1", "size": "auto"}, "aspect_ratio"),
     ({"prompt": "x", "aspect_ratio": "1:1"}, "size"),
-    ({"prompt": "x", "negative_prompt": "y"}, "negative_prompt"),
+    ({"prompt": "x", "negative_prompt": 3}, "negative_prompt"),  # accepted as text (docs/steering.md)
 ])
 def test_image_generation_errors(served, body, param):
     client, _ = served

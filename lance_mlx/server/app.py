@@ -206,9 +206,10 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         if job.status == "cancelled":
             return ApiError(409, f"job {job.id} was cancelled", code="cancelled")
         err = job.error or {}
-        # 507: the output folder's disk is full (media.check_free_space / a failed write), else a bug: 500
+        # 507: the output folder's disk is full (media.check_free_space / a failed write); 502: the prompt
+        # enhancement endpoint failed (enhance.EnhanceError); else a bug: 500
         status = {"invalid_request": 400, "output_error": 507, "write_error": 507, "storage_full": 507,
-                  "storage_error": 507}.get(err.get("code"), 500)
+                  "storage_error": 507, "enhance_error": 502}.get(err.get("code"), 500)
         return ApiError(status, err.get("message", "the job failed"), "invalid_request_error" if status == 400
                         else "server_error", err.get("param") if status == 400 else None, err.get("code"))
 

@@ -183,7 +183,9 @@ def build(make, text_param: str):
     except (InvalidRequestError, InvalidTypeError) as e:
         if e.param is None:
             message = str(e)
-            if any(w in message for w in ("prompt", "instruction", "question", "tokens long", "system prompt")):
+            if "negative prompt" in message:
+                e.param = "negative_prompt"
+            elif any(w in message for w in ("prompt", "instruction", "question", "tokens long", "system prompt")):
                 e.param = text_param
             else:
                 e.param = next((p for w, p in MESSAGE_PARAMS if w in message), None)

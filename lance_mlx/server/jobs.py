@@ -18,7 +18,7 @@ from .. import checkpoints
 from ..config import MAX_SEED
 from ..errors import InvalidRequestError, InvalidTypeError, LanceError, OutputError
 from ..media import SOFTWARE, check_free_space, estimate_output_bytes
-from ..tasks import ImageEdit, TextToImage, Understand
+from ..tasks import ImageEdit, Request, TextToImage, Understand
 from .history import History, StorageError, storage_error
 from .job import EventLog, Job  # noqa: F401  (EventLog: re-exported for the routes and tests)
 from .redact import redact
@@ -371,6 +371,8 @@ class Engine:
         request = job.request
         job.events.emit({"type": "loading", "checkpoint": request.checkpoint})
         pipe = self._pipeline(request.checkpoint, request.task)
+        if job.settings.get("enhance_prompt"):
+            request = self._enhance(job, pipe)  # job.request keeps the prompt as asked
         steps = request.sampling.steps
         image = isinstance(request, (TextToImage, ImageEdit))
         fps = getattr(request, "fps", OUTPUT_FPS)
@@ -399,6 +401,9 @@ class Engine:
                     "dtype": self.config.dtype, "job": job.id, "software": SOFTWARE}
             if not image:
                 meta.update(frames=4 * (t - 1) + 1, fps=fps)
+            meta.update({k: job.settings[k] for k in ("negative_prompt", "revised_prompt") if k in job.settings})
+            if "revised_prompt" in job.settings:  # the prompt as asked, beside the one generated from
+                meta["prompt"] = job.settings["prompt"]
             self.config.outputs.mkdir(parents=True, exist_ok=True)
             self._save(job, pipe, latents.reshape(1, t, h, w, -1), path, fps, meta)
             job.outputs.append(name)
@@ -421,6 +426,18 @@ class Engine:
                 yield frame
 
         save_video(frames(), path, fps=fps, metadata=meta)
+
+    def _enhance(self, job: Job, pipe) -> Request:
+        """The job's request with its prompt rewritten (docs/steering.md): by the endpoint of upstream's
+        LANCE_REWRITE_* variables when set, else by the loaded checkpoint; kept in the job's settings."""
+        from ..enhance import Enhancer
+
+        job.events.emit({"type": "enhance"})
+        request, revised = Enhancer.from_env().apply(job.request, pipe)
+        job.settings["revised_prompt"] = revised
+        self.history.update(job.id, settings=job.settings)
+        job.events.emit({"type": "enhanced", "revised_prompt": revised})
+        return request
 
     def _answer(self, job: Job) -> None:
         request = job.request

@@ -35,7 +35,8 @@ from .redact import clip as shown
 from .settings import ServerConfig
 
 SAMPLING_FIELDS = ("steps", "num_inference_steps", "guidance_scale", "image_guidance_scale", "timestep_shift",
-                   "cfg_interval", "renorm_min", "seed", "sampler")
+                   "cfg_interval", "renorm_min", "seed", "sampler", "negative_prompt")
+ENHANCE_TASKS = ("t2i", "t2v", "i2v")  # lance_mlx/enhance.py TASKS
 POSTERIOR_FIELDS = ("posterior_seed", "posterior_mean")
 RESPONSE_FORMATS = ("b64_json", "url")
 MIN_FPS = 1.0  # our serving limit (vLLM-Omni's too): below it a video's time base and duration make no sense
@@ -190,20 +191,20 @@ def _seconds(text: str) -> float:
 # -------------------------------------------------------------------------------------------------- routes
 def image_generation(f: Fields, config: ServerConfig) -> Parsed:
     f.check_known(("prompt", "size", "aspect_ratio", "resolution", "n", "response_format", "output_format",
-                   *SAMPLING_FIELDS))
+                   "enhance_prompt", *SAMPLING_FIELDS))
     w, h = size(f, config, "image")
     n = f.integer("n", 1, 1, config.max_images)
     fmt = f.choice("response_format", RESPONSE_FORMATS, "b64_json")
     output_format = f.choice("output_format", OUTPUT_FORMATS, "png")
     s = sampling(f, config)
-    req = build(lambda: TextToImage(f.values.get("prompt"), w, h, s), "prompt")
+    req = build(lambda: TextToImage(f.values.get("prompt"), w, h, s, f.values.get("negative_prompt")), "prompt")
     return Parsed("image", req, {"task": "t2i", "prompt": req.prompt, "size": f"{w}x{h}", "n": n,
-                                 "output_format": output_format, **sampling_settings(s)}, n, fmt)
+                                 "output_format": output_format, **sampling_settings(s), **steering(f, req)}, n, fmt)
 
 
 def image_edit(f: Fields, files: Dict[str, Upload], config: ServerConfig) -> Parsed:
     f.check_known(("prompt", "image", "image[]", "n", "size", "response_format", "output_format", "preset",
-                   "image_guidance_scale", *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "mask"))
+                   "image_guidance_scale", *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "mask", "enhance_prompt"))
     if f.has("mask") or "mask" in files:
         raise InvalidRequestError("masks are not supported: Lance edits the whole image from the instruction", "mask")
     if f.text("size", "auto") != "auto":
@@ -220,18 +221,19 @@ def image_edit(f: Fields, files: Dict[str, Upload], config: ServerConfig) -> Par
     w, h = bucketed_size(source, PRESETS[preset].vae_resolution, config, "image")
     s = sampling(f, config)
     post = posterior(f)
-    req = build(lambda: ImageEdit(source, f.values.get("prompt"), preset, s, post, source=media.describe()), "prompt")
+    req = build(lambda: ImageEdit(source, f.values.get("prompt"), preset, s, post, source=media.describe(),
+                                  negative_prompt=f.values.get("negative_prompt")), "prompt")
     return Parsed("image", req, {"task": "image_edit", "prompt": req.instruction, "preset": preset, "n": n,
                                  "size": f"{w}x{h}", "output_format": output_format, "input": media.describe(),
                                  "posterior_mean": not post.sample, "posterior_seed": post.seed,
-                                 **sampling_settings(s)}, n, fmt)
+                                 **sampling_settings(s), **steering(f, req)}, n, fmt)
 
 
 def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: Optional[str] = None) -> Parsed:
     """POST /v1/videos: text-to-video, image-to-video with `input_reference`, video edit with `video`."""
     f.check_known(("prompt", "size", "aspect_ratio", "resolution", "seconds", "num_frames", "fps", "input_reference",
                    "video", "preset", "image_guidance_scale", *POSTERIOR_FIELDS, *SAMPLING_FIELDS, "task",
-                   *VLLM_VIDEO_FIELDS))
+                   *VLLM_VIDEO_FIELDS, "enhance_prompt"))
     f = video_params(f)
     fps = f.number("fps", OUTPUT_FPS)
     if fps is not None and fps < MIN_FPS:
@@ -249,7 +251,7 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
         raise InvalidRequestError("a video edit needs the video to edit as `video`", "video")
     if task == "t2v" and (reference is not None or clip is not None):
         raise InvalidRequestError("text-to-video takes no input media", "input_reference")
-    prompt = f.values.get("prompt")
+    prompt, negative = f.values.get("prompt"), f.values.get("negative_prompt")
     s = sampling(f, config)
     settings: Dict[str, Any] = {"task": task, "prompt": prompt, "fps": fps, **sampling_settings(s)}
     if task == "video_edit":
@@ -258,7 +260,8 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
         w, h = bucketed_size(video_frames, PRESETS[preset].vae_resolution, config, "video")
         post = posterior(f)
         req = build(lambda: VideoEdit(video_frames, prompt, preset, source_fps, fps, s, post,
-                                      source=clip.describe()), "prompt")
+                                      source=clip.describe(), negative_prompt=negative), "prompt")
+        settings.update(steering(f, req))
         settings.update(preset=preset, size=f"{w}x{h}", input=clip.describe(), posterior_mean=not post.sample,
                         posterior_seed=post.seed)
         return Parsed("video", req, settings)
@@ -271,14 +274,15 @@ def video_job(f: Fields, files: Dict[str, Upload], config: ServerConfig, task: O
         first = inputs.image(reference, "input_reference")
         w, h = bucketed_size(first, resolution, config, "resolution")
         post = posterior(f)
-        req = build(lambda: ImageToVideo(prompt, first, n, resolution, fps, s, post, source=reference.describe()),
-                    "prompt")
+        req = build(lambda: ImageToVideo(prompt, first, n, resolution, fps, s, post, source=reference.describe(),
+                                         negative_prompt=negative), "prompt")
+        settings.update(steering(f, req))
         settings.update(resolution=resolution, size=f"{w}x{h}", input=reference.describe(),
                         posterior_mean=not post.sample, posterior_seed=post.seed)
         return Parsed("video", req, settings)
     w, h = size(f, config, "video")
-    req = build(lambda: TextToVideo(prompt, n, w, h, fps, s), "prompt")
-    settings.update(size=f"{w}x{h}")
+    req = build(lambda: TextToVideo(prompt, n, w, h, fps, s, negative), "prompt")
+    settings.update(size=f"{w}x{h}", **steering(f, req))
     return Parsed("video", req, settings)
 
 
@@ -293,6 +297,18 @@ def video_params(f: Fields) -> Fields:
     merged = {**{k: v for k, v in block.items() if v is not None}, **f.values}
     merged.pop("video_params")
     return Fields(merged, f.form)
+
+
+def steering(f: Fields, request) -> Dict[str, Any]:
+    """The settings of docs/steering.md a job keeps: its negative prompt and whether its prompt is enhanced (the
+    worker rewrites it and adds `revised_prompt`)."""
+    out: Dict[str, Any] = {"negative_prompt": request.negative_prompt} if request.negative_prompt else {}
+    if f.boolean("enhance_prompt"):
+        if request.task not in ENHANCE_TASKS:
+            raise InvalidRequestError(f"enhance_prompt applies to {', '.join(ENHANCE_TASKS)}, not {request.task}",
+                                      "enhance_prompt")
+        out["enhance_prompt"] = True
+    return out
 
 
 def media_input(f: Fields, files: Dict[str, Upload], names: Tuple[str, ...], config: ServerConfig):

@@ -27,6 +27,8 @@ def job_object(record: Dict[str, Any], position: int = 0, sign: Optional[Signing
     if record["object"] == "video":  # OpenAI's video object (and vLLM-Omni's): seconds a whole number, as a string
         out.update(size=settings.get("size") or "auto", seconds=video_seconds(settings), expires_at=None,
                    remixed_from_video_id=None)
+    if settings.get("revised_prompt"):  # OpenAI's name for the prompt a model rewrote (docs/steering.md)
+        out["revised_prompt"] = settings["revised_prompt"]
     if record["object"] == "chat.completion":
         out["answer"] = record.get("answer")
     if position:
@@ -52,7 +54,7 @@ def images_response(job: Job, config: ServerConfig, response_format: str, base_u
     OpenAI's, on the address the request came to, and signed on a keyed server."""
     data = []
     for i, name in enumerate(job.outputs):
-        item: Dict[str, Any] = {"revised_prompt": job.request.text}
+        item: Dict[str, Any] = {"revised_prompt": job.settings.get("revised_prompt") or job.request.text}
         if response_format == "url":
             item["url"] = base_url.rstrip("/") + content_path(job.id, i, sign)
         else:

@@ -108,6 +108,8 @@ function formBody() {
   if (task === "t2i" || task === "t2v") fd.append("size", $("width").value + "x" + $("height").value);
   if (task === "i2v") fd.append("resolution", $("i2v_resolution").value);
   if (task === "image_edit" || task === "video_edit") fd.append("preset", $("preset").value);
+  if (visible("negative_prompt") && $("negative_prompt").value.trim()) fd.append("negative_prompt", $("negative_prompt").value);
+  if (visible("enhance_prompt") && $("enhance_prompt").checked) fd.append("enhance_prompt", "true");
   const file = $("file").files[0];
   if (file) fd.append({ i2v: "input_reference", image_edit: "image", video_edit: "video" }[task], file);
   return fd;
@@ -153,6 +155,8 @@ async function runJob() {
     const e = JSON.parse(data);
     if (e.type === "queued") setStatus("Queued (position " + e.position + ")");
     else if (e.type === "loading") setStatus("Loading the " + e.checkpoint + " checkpoint…");
+    else if (e.type === "enhance") setStatus("Enhancing the prompt…");
+    else if (e.type === "enhanced") showRevised(e.revised_prompt, $("result"));
     else if (e.type === "prepare") setStatus("Encoding inputs…");
     else if (e.type === "step") setStatus("Step " + e.step + " / " + e.total, e.progress);
     else if (e.type === "decode") setStatus("Decoding…");
@@ -214,6 +218,13 @@ async function cancel() {
   }
 }
 
+function showRevised(text, into) {
+  const el = document.createElement("div");
+  el.className = "revised";
+  el.textContent = "Enhanced prompt: " + text;
+  into.appendChild(el);
+}
+
 async function showOutputs(job, into) {
   for (const path of job.outputs) {
     const src = await blobUrl(path);
@@ -249,6 +260,7 @@ async function loadHistory() {
     prompt.className = "prompt";
     prompt.textContent = job.prompt || job.settings.question || "(describe)";
     card.appendChild(prompt);
+    if (job.revised_prompt) showRevised(job.revised_prompt, card);
     if (job.answer) {
       const ans = document.createElement("div");
       ans.className = "answer";
@@ -283,6 +295,8 @@ async function loadHistory() {
 function reuseSettings(s) {
   selectTask(s.task);
   $("prompt").value = s.prompt || "";
+  $("negative_prompt").value = s.negative_prompt || "";
+  $("enhance_prompt").checked = !!s.enhance_prompt;
   FIELDS.forEach((f) => { if (s[f] !== undefined && s[f] !== null) $(f).value = s[f]; });
   if (s.size) {
     const [w, h] = s.size.split("x");
