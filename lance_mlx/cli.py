@@ -136,8 +136,8 @@ def sidecar_from_args(args) -> Optional[Path]:
 
 def add_size_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("size")
-    g.add_argument("--width", type=int, help="output width in pixels (multiple of 16, at most 1024)")
-    g.add_argument("--height", type=int, help="output height in pixels (multiple of 16, at most 1024)")
+    g.add_argument("--width", type=int, help="output width in pixels (multiple of 16; docs/generation.md: sizes)")
+    g.add_argument("--height", type=int, help="output height in pixels (multiple of 16; docs/generation.md: sizes)")
     g.add_argument("--aspect", choices=list(OUTPUT_ASPECT_RATIOS),
                    help="aspect-ratio preset used when --width/--height are not given (upstream app's sizes)")
     g.add_argument("--resolution", type=int,

@@ -14,9 +14,11 @@ import numpy as np
 from . import sampler as S
 from .batched import BatchedNoiseStep
 from .config import DEFAULT_SAMPLING, LanceConfig, SamplingParams
+from .errors import InvalidRequestError
 from .llm import KVCache, Qwen2ForCausalLM, Rope, Routing, cache_arrays
 from .sampler import Step, Velocity
 from .sequence import TEXT_AND_VISION, Branch, Sequence, Split, attention_mask, generation_sequence
+from .tasks import check_latent_grid
 
 __all__ = ["Lance", "LanceConfig", "TimestepEmbedder", "LatentPositionTable", "GenerationContext", "Velocity",
            "BranchState"]
@@ -56,8 +58,11 @@ class LatentPositionTable:
     """Rows of upstream's fixed 3-D sin-cos latent table (frames x size x size, hidden), computed on demand.
 
     modeling_utils.py::get_3d_sincos_pos_embed: per axis `[sin(p*w), cos(p*w)]`, w_k = 10000^(-k/(D/2)),
-    float64 then float32; axis dims d, d, hidden - 2d with d = hidden // 3 made even. Row id of latent
-    (t, h, w) is t*size*size + h*size + w. Plain object (not a Module), so nothing here is a parameter.
+    float64 then float32; axis dims d, d, hidden - 2d with d = hidden // 3 made even; entry i of the table holds
+    axis positions (i // size^2, i // size % size, i % size). Latent (t, h, w) takes entry t*size^2 + h*size + w
+    whatever the grid's width (data_utils.py::get_flattened_position_ids_extrapolate_video), so a column past
+    `size` reads the next row's entry; only an index past the table is refused (tasks.check_latent_grid). Plain
+    object (not a Module), so nothing here is a parameter.
     """
 
     def __init__(self, hidden_size: int, max_frames: int, max_size: int):
@@ -75,28 +80,20 @@ class LatentPositionTable:
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     def check(self, shape: Tuple[int, int, int]) -> None:
-        t, h, w = shape
-        if min(t, h, w) < 1:
-            raise ValueError(f"latent grid {tuple(shape)} must be positive in every axis")
-        if t > self.max_frames or h > self.max_size or w > self.max_size:
-            raise ValueError(
-                f"latent grid (t={t}, h={h}, w={w}) exceeds the 3-D position table ({self.max_frames} frames, "
-                f"{self.max_size}x{self.max_size} latents = {self.max_size * 16} px per side); use at most "
-                f"{self.max_size * 16} px per side and {4 * (self.max_frames - 1) + 1} frames")
+        """InvalidRequestError (one line, naming the sizes that fit) when the grid indexes past the table."""
+        check_latent_grid(shape, self.max_frames, self.max_size)
 
     def rows(self, shape: Tuple[int, int, int]) -> mx.array:
-        """(t*h*w, hidden) float32 rows of the latent grid (t, h, w) in raster order."""
+        """(t*h*w, hidden) float32 table entries of the latent grid (t, h, w) in raster order."""
         shape = tuple(int(v) for v in shape)
         if shape not in self._cache:
             self.check(shape)
-            t, h, w = shape
-            et, eh, ew = self._axis(self.dims[0], t), self._axis(self.dims[1], h), self._axis(self.dims[2], w)
-            rows = np.concatenate([
-                np.broadcast_to(et[:, None, None], (t, h, w, et.shape[1])),
-                np.broadcast_to(eh[None, :, None], (t, h, w, eh.shape[1])),
-                np.broadcast_to(ew[None, None, :], (t, h, w, ew.shape[1])),
-            ], axis=-1).reshape(t * h * w, -1)  # (t*h*w, hidden)
-            self._cache[shape] = mx.array(rows.astype(np.float32))
+            s, ids = self.max_size, self.row_ids(shape)
+            # float64 sin/cos rounded to float32 per entry, as upstream's table (.float() after the concat)
+            et, eh, ew = (self._axis(d, n).astype(np.float32)
+                          for d, n in zip(self.dims, (self.max_frames, s, s)))
+            rows = np.concatenate([et[ids // (s * s)], eh[ids // s % s], ew[ids % s]], axis=1)  # (t*h*w, hidden)
+            self._cache[shape] = mx.array(rows)
         return self._cache[shape]
 
     def row_ids(self, shape: Tuple[int, int, int]) -> np.ndarray:
@@ -381,9 +378,9 @@ class Lance(nn.Module):
         # 128000): template + prompt + latent block must fit in it.
         limit = self.config.llm.max_position_embeddings
         if len(seq) > limit:
-            raise ValueError(f"the sequence has {len(seq)} tokens (prompt {n_prompt}) but the context limit is "
-                             f"{limit} (max_position_embeddings); shorten the prompt to at most "
-                             f"{limit - (len(seq) - n_prompt)} tokens or use a smaller latent grid")
+            raise InvalidRequestError(f"the sequence has {len(seq)} tokens (prompt {n_prompt}) but the context limit "
+                                      f"is {limit} (max_position_embeddings); shorten the prompt to at most "
+                                      f"{limit - (len(seq) - n_prompt)} tokens or use a smaller latent grid")
 
     @staticmethod
     def _latent_shape(latent_shape) -> Tuple[int, int, int]:

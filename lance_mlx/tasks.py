@@ -23,7 +23,12 @@ from .errors import InputNotFoundError, InvalidRequestError, InvalidTypeError
 # The model's geometry (upstream inference_lance.sh: latent patch 1, max_latent_size 64, max_num_frames 121).
 _GEOMETRY = LanceConfig()
 SIZE_STRIDE = _GEOMETRY.vae_spatial_stride  # output sizes are multiples of 16 px
-MAX_SIDE = SIZE_STRIDE * _GEOMETRY.max_latent_size  # 1024 px per side
+# Upstream indexes its 3-D latent table (modeling_utils.py::PositionEmbedding3D: 31 frames x 64 x 64 rows) at
+# t*64*64 + h*64 + w (data_utils.py::get_flattened_position_ids_extrapolate_video), 64 = max_latent_size whatever
+# the grid: a column past 64 takes the next row's entry, a row past 64 the next frame's. Its only size bound is the
+# table's end (an index past it fails the lookup): the last latent of the grid must land inside.
+TABLE_SIDE = _GEOMETRY.max_latent_size
+TABLE_ROWS = _GEOMETRY.max_latent_frames * TABLE_SIDE ** 2  # 126976
 FRAME_STRIDE = _GEOMETRY.vae_temporal_stride  # pixel frame counts are 4k + 1
 MAX_FRAMES = FRAME_STRIDE * (_GEOMETRY.max_latent_frames - 1) + 1  # 121
 MIN_I2V_FRAMES = FRAME_STRIDE + 1  # the image's latent frame, then at least one generated one
@@ -77,8 +82,9 @@ def check_negative_prompt(text) -> str:
     return check_text(text, "negative prompt", "say what to steer away from, or leave it empty")
 
 
-def check_size(width, height) -> Tuple[int, int]:
-    """(width, height) as ints: positive multiples of 16 up to 1024 (the 3-D position table's 64 latents)."""
+def check_size(width, height, num_frames: int = 1) -> Tuple[int, int]:
+    """(width, height) as ints: positive multiples of 16 whose latent grid, `num_frames` long, stays inside the
+    3-D position table (check_latent_grid)."""
     out = []
     for name, v in (("width", width), ("height", height)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
@@ -87,11 +93,39 @@ def check_size(width, height) -> Tuple[int, int]:
         if v <= 0 or v % SIZE_STRIDE:
             lo, hi = max(SIZE_STRIDE, (v // SIZE_STRIDE) * SIZE_STRIDE), (max(v, 0) // SIZE_STRIDE + 1) * SIZE_STRIDE
             raise InvalidRequestError(f"{name} {v} is not a positive multiple of {SIZE_STRIDE}; use e.g. {lo} or {hi}")
-        if v > MAX_SIDE:
-            raise InvalidRequestError(f"{name} {v} is above {MAX_SIDE}, the largest size the model's position table "
-                                      f"covers ({MAX_SIDE // SIZE_STRIDE} latents × {SIZE_STRIDE} px)")
         out.append(v)
-    return out[0], out[1]
+    w, h = out
+    check_latent_grid((latent_frames(num_frames), h // SIZE_STRIDE, w // SIZE_STRIDE))
+    return w, h
+
+
+def check_latent_grid(shape, max_frames: int = _GEOMETRY.max_latent_frames, side: int = TABLE_SIDE,
+                      context: int = _GEOMETRY.llm.max_position_embeddings) -> None:
+    """Refuse a latent grid (t, h, w) whose last table index (t-1)*side^2 + (h-1)*side + (w-1) is past the table
+    (upstream's one bound, see TABLE_ROWS), naming the largest sizes that fit; or whose tokens alone exceed the
+    LLM's context (Lance._check_length, checked here before any weights load)."""
+    t, h, w = (int(v) for v in shape)
+    if min(t, h, w) < 1:
+        raise InvalidRequestError(f"latent grid {(t, h, w)} must be positive in every axis")
+    px, frame = SIZE_STRIDE, side * side
+    in_frame = (h - 1) * side + (w - 1)  # the last latent's index within its frame
+    room = (max_frames - t + 1) * frame - 1  # the largest in_frame that t frames leave inside the table
+    size = f"size {w * px}x{h * px}" + (f" with {FRAME_STRIDE * (t - 1) + 1} frames" if t > 1 else "")
+    if in_frame > room:
+        fits = []
+        if w - 1 <= room:  # this width, the tallest height
+            fits.append(f"{w * px}x{((room - (w - 1)) // side + 1) * px}")
+        if (h - 1) * side <= room:  # this height, the widest width
+            fits.append(f"{(room - (h - 1) * side + 1) * px}x{h * px}")
+        if t > 1 and in_frame < max_frames * frame:  # this size, the most frames
+            fits.append(f"{FRAME_STRIDE * ((max_frames * frame - 1 - in_frame) // frame) + 1} frames")
+        raise InvalidRequestError(
+            f"{size} reaches past the model's 3-D position table ({max_frames} frames x {side} x {side} latents, "
+            f"indexed t*{frame} + h*{side} + w as upstream); the largest that fit: "
+            f"{' or '.join(fits) or f'{side * px}x{side * px}'}")
+    if t * h * w > context:
+        raise InvalidRequestError(f"{size} is {t * h * w} latent tokens, more than the model's context of {context} "
+                                  "tokens; use a smaller size" + (" or fewer frames" if t > 1 else ""))
 
 
 def latent_grid(width: int, height: int) -> Tuple[int, int]:
@@ -278,7 +312,7 @@ class TextToVideo(Request):
         check_text(self.prompt, "prompt", "describe the video to generate")
         self._set(negative_prompt=check_negative_prompt(self.negative_prompt))
         latent_frames(self.num_frames, "frame count")
-        w, h = check_size(self.width, self.height)
+        w, h = check_size(self.width, self.height, self.num_frames)
         self._set(width=w, height=h, fps=check_fps(self.fps), sampling=_sampling(self.sampling))
         _reject_image_guidance(self.sampling, "text-to-video")
 
@@ -441,6 +475,6 @@ REQUEST_TYPES = (TextToImage, TextToVideo, ImageToVideo, ImageEdit, VideoEdit, U
 
 __all__ = [
     "GenerationRequest", "ImageEdit", "ImageToVideo", "MAX_FRAMES", "MAX_PROMPT_TOKENS", "Posterior", "Request",
-    "TextToImage", "TextToVideo", "Understand", "VideoEdit", "check_negative_prompt", "check_size", "check_text",
-    "check_token_count", "latent_frames", "latent_grid", "nearest_valid_frames",
+    "TextToImage", "TextToVideo", "Understand", "VideoEdit", "check_latent_grid", "check_negative_prompt", "check_size",
+    "check_text", "check_token_count", "latent_frames", "latent_grid", "nearest_valid_frames",
 ]

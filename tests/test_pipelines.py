@@ -43,7 +43,7 @@ def test_generate_image_is_sample_t2i_then_decode(root):
 
 
 @pytest.mark.parametrize("w,h,msg", [(30, 32, "use e.g. 16 or 32"), (32, 0, "not a positive multiple"),
-                                     (1040, 32, "above 1024")])
+                                     (16, 31760, "past the model's 3-D position table")])
 def test_output_size_errors(w, h, msg):
     with pytest.raises(ValueError, match=msg):
         latent_grid(w, h)

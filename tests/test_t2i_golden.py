@@ -247,9 +247,9 @@ def test_bfloat16_velocities(config, raw_weights, g1, prompt_ids):
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_inputs(model):
     p = [32, 8251]
-    with pytest.raises(ValueError, match="exceeds the 3-D position table"):
-        model.sample_t2i(p, latent_shape=(1, 65, 8))
-    with pytest.raises(ValueError, match="exceeds the 3-D position table"):
+    with pytest.raises(ValueError, match="past the model's 3-D position table"):
+        model.sample_t2i(p, latent_shape=(31, 64, 65))  # index 31*4096: one past the table's end
+    with pytest.raises(ValueError, match="past the model's 3-D position table"):
         model.sample_t2i(p, latent_shape=(32, 4, 4))
     with pytest.raises(ValueError, match="positive"):
         model.sample_t2i(p, latent_shape=(1, 0, 4))

@@ -16,7 +16,7 @@ from ..tasks import (
     I2V_RESOLUTION,
     IMAGE_EDIT_PRESET,
     IMAGE_SIZE,
-    MAX_RESOLUTION,
+    SIZE_STRIDE,
     VIDEO_FRAMES,
     VIDEO_PRESET,
     VIDEO_SIZE,
@@ -27,6 +27,7 @@ from ..tasks import (
     TextToVideo,
     VideoEdit,
     check_fps,
+    check_latent_grid,
 )
 from . import inputs
 from .fields import IGNORED, ApiError, Fields, Parsed, Upload, build, form_number, parse_json  # noqa: F401
@@ -40,7 +41,7 @@ ENHANCE_TASKS = ("t2i", "t2v", "i2v")  # lance_mlx/enhance.py TASKS
 POSTERIOR_FIELDS = ("posterior_seed", "posterior_mean")
 RESPONSE_FORMATS = ("b64_json", "url")
 MIN_FPS = 1.0  # our serving limit (vLLM-Omni's too): below it a video's time base and duration make no sense
-MAX_SIDE = MAX_RESOLUTION  # 1024: the 3-D position table's 64 latents per side (tasks.check_size)
+MAX_SIDE = 16384  # a bound for the width/height fields only; the real limits are max_pixels and tasks.check_size
 # vLLM-Omni's /v1/videos fields (vllm_omni/entrypoints/openai/protocol/videos.py, VideoGenerationRequest): width and
 # height (its `size` wins when both are given, as in its resolve_video_params), a `video_params` block of the same,
 # and `image_reference` {"image_url": ...} for the first frame.
@@ -118,7 +119,8 @@ def size(f: Fields, config: ServerConfig, kind: str) -> Tuple[int, int]:
 
 def bucketed_size(image, resolution: int, config: ServerConfig, param: str) -> Tuple[int, int]:
     """(width, height) an input of `image`'s aspect becomes at bucket area `resolution`² (processing.bucket_resize),
-    refused now when a side passes 1024 or the area this server's limit (an extreme aspect at a large area)."""
+    refused now when it passes the position table (tasks.check_latent_grid) or this server's area limit (an extreme
+    aspect at a large area)."""
     from PIL import Image
 
     if isinstance(image, np.ndarray):  # (T, H, W, 3) frames
@@ -132,9 +134,14 @@ def bucketed_size(image, resolution: int, config: ServerConfig, param: str) -> T
         except (OSError, ValueError, SyntaxError):
             raise InvalidRequestError(f"{param} is not a readable image", param) from None
     h, w = nearest_bucket(width, height, resolution)
-    if max(w, h) > MAX_SIDE or w * h > config.max_pixels * PRESET_SLACK:
-        raise InvalidRequestError(f"a {width}x{height} input at resolution {resolution} makes {w}x{h} outputs: above "
-                                  f"{MAX_SIDE} pixels a side or this server's limit of {config.max_pixels} pixels; "
+    try:
+        check_latent_grid((1, h // SIZE_STRIDE, w // SIZE_STRIDE))
+        too_large = w * h > config.max_pixels * PRESET_SLACK
+    except InvalidRequestError:
+        too_large = True
+    if too_large:
+        raise InvalidRequestError(f"a {width}x{height} input at resolution {resolution} makes {w}x{h} outputs: past "
+                                  f"the model's position table or this server's limit of {config.max_pixels} pixels; "
                                   "use a lower resolution or an input closer to square", param)
     return w, h
 

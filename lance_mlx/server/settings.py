@@ -12,7 +12,7 @@ from ..tasks import MAX_FRAMES
 # Our serving limits (none are upstream's): they bound what one request may cost before it reaches the queue.
 MAX_BODY_MB = 64  # a request body: a few input images or a short video as data URLs or uploads
 MAX_STEPS = 100  # upstream samples 30 steps; more rarely helps and blocks the one worker for long
-MAX_PIXELS = 1024 * 1024  # width x height of an output (the model's position table stops at 1024 per side)
+MAX_PIXELS = 1024 * 1024  # width x height of an output (a bound on a server's work; the model's is tasks.check_size)
 MAX_IMAGES = 4  # `n` of one image request
 MAX_QUEUE = 16  # jobs waiting behind the running one
 HISTORY_PAGE = 100  # default and largest page of GET /v1/videos and /v1/jobs
