@@ -11,11 +11,14 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
+from .errors import WeightsError, WeightsNotFoundError
+
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "load_torch_checkpoint"]
 
 
-class CheckpointError(ValueError):
-    """A weight file that cannot be read (missing pieces, truncated, corrupt, unsupported)."""
+class CheckpointError(WeightsError):
+    """A weight file that cannot be read (missing pieces, truncated, corrupt, unsupported): a `WeightsError`, so the
+    command-line scripts report it in one line (exit 2) and a server as its error."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -39,6 +42,10 @@ _STORAGE_DTYPES = {
 
 # Top-level keys under which training scripts commonly nest the state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+# The first bytes of a Git LFS pointer file (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md), what a clone
+# without `git lfs` leaves in place of a large file.
+LFS_POINTER = b"version https://git-lfs"
 
 _FIX = ("save the weights with `torch.save(model.state_dict(), path)` (tensors only) or convert them to "
         ".safetensors, then load that file")
@@ -189,12 +196,19 @@ def load_torch_checkpoint(path) -> Dict[str, np.ndarray]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}. Fix: check the path (or download the file).")
+        raise WeightsNotFoundError(f"checkpoint not found: {path}. Fix: check the path (or download the file).")
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
         with open(path, "rb") as f:
-            head = f.read(2)
+            head = f.read(len(LFS_POINTER))
+        if not head:
+            raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or copy. Fix: re-download "
+                                  "it.") from e
+        if head == LFS_POINTER:
+            raise CheckpointError(f"{path} is a Git LFS pointer, not the weights: the repository was cloned without "
+                                  "its large files. Fix: run `git lfs pull` in it, or download the file with "
+                                  "`hf download`.") from e
         if head[:1] == b"\x80":
             raise CheckpointError(
                 f"{path}: this is a legacy (pre-zip) PyTorch file, which is not supported. Fix: re-save it with a "
@@ -216,7 +230,8 @@ def load_torch_checkpoint(path) -> Dict[str, np.ndarray]:
         except CheckpointError as e:
             if str(path) in str(e):
                 raise
-            raise type(e)(f"{path}: {e}. Fix: re-download or re-save it.") from None
+            e.args = (f"{path}: {e}. Fix: re-download or re-save it.",)  # keeps its type (unsafe or corrupt)
+            raise e from None
         except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, OSError, ValueError, TypeError,
                 AttributeError, IndexError, KeyError) as e:
             raise CheckpointError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e}). "

@@ -13,6 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import ViTConfig
+from .errors import WeightsNotFoundError
 
 Grid = Tuple[int, int, int]
 
@@ -361,7 +362,7 @@ def load_vit(path: Union[str, Path], config: Optional[ViTConfig] = None, dtype=m
     else:
         cfg_file, weights_file = path.parent / "config.json", path
     if not weights_file.is_file():
-        raise FileNotFoundError(f"ViT weights not found: {weights_file}")
+        raise WeightsNotFoundError(f"ViT weights not found: {weights_file}")
     if config is None:
         config = ViTConfig.from_dict(json.loads(cfg_file.read_text())) if path.is_dir() and cfg_file.is_file() \
             else ViTConfig()
