@@ -104,7 +104,11 @@ def sharded_files(folder: Path, stem: str = "model") -> list[Path]:
     """`model.safetensors`, or the shards listed in `model.safetensors.index.json`."""
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_config_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightsError(f"{index} has no \"weight_map\" of tensor names to shard files; download or convert "
+                               "the folder again")
+        names = sorted(set(weight_map.values()))
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:

@@ -81,7 +81,6 @@ ALLOWED = {
     ("vit.py", "__init__", "ValueError"): (2, INTERNAL + " (ViTConfig values)"),
     ("vit.py", "__call__", "ValueError"): (2, INTERNAL),
     ("vit.py", "_as_grids", "ValueError"): (1, INTERNAL),
-    ("vit.py", "sanitize_vit_weights", "ValueError"): (2, "load_vit callers: loading.py maps it to WeightsError"),
 }
 
 

@@ -451,3 +451,10 @@ def test_launch_errors_are_lance_errors(tmp_path):
     with pytest.raises(LaunchError, match="lists no hosts") as e:
         read_hostfile(tmp_path / "hosts.json")
     assert isinstance(e.value, LanceError) and e.value.exit_code == 2
+
+
+@pytest.mark.parametrize("index", ["{not json", '{"weight_map": ["a"]}', "[]"])
+def test_bad_shard_index_is_a_weights_error(index, tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(WeightsError, match="model.safetensors.index.json"):
+        checkpoints.sharded_files(tmp_path)
