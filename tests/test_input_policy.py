@@ -438,6 +438,21 @@ def test_launch_reports_an_unreachable_host(tmp_path):
     assert len([c for c in calls if c]) == 1  # only the probe: nothing was launched
 
 
+def test_launch_names_the_host_of_a_dropped_ssh_rank(tmp_path):
+    """A host that answers the probe but whose rank's ssh then fails (exit 255, silent under LogLevel=QUIET)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text('#!/bin/sh\nfor last; do :; done\n[ "$last" = "true" ] && exit 0\nexit 255\n')
+    (bin_dir / "ssh").chmod(0o755)
+    (tmp_path / "hosts.json").write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},
+                                                     {"ssh": "mac2.local", "ips": ["127.0.0.1"]}]))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    r = launch("--hostfile", tmp_path / "hosts.json", "--", sys.executable, "-c", "import time; time.sleep(2)",
+               env=env)
+    assert r.returncode == 255 and "rank 1 on mac2.local exited with code 255: the ssh connection" in r.stderr, \
+        r.stderr
+
+
 def test_launch_of_local_ranks_still_runs(tmp_path):
     (tmp_path / "hosts.json").write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]))
     r = launch("--hostfile", tmp_path / "hosts.json", "--", sys.executable, "-c", "print('ran')")
@@ -458,3 +473,16 @@ def test_bad_shard_index_is_a_weights_error(index, tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(index)
     with pytest.raises(WeightsError, match="model.safetensors.index.json"):
         checkpoints.sharded_files(tmp_path)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "bad repo!/x y"], "OWNER/NAME"),
+    (["--video-model", "https://huggingface.co/spaces/a/b"], "space, not a model repo"),
+    (["--max-queue", "0"], "--max-queue must be at least 1"),
+    (["--port", "70000"], "--port must be in [0, 65535]"),
+])
+def test_serve_refuses_bad_settings_with_exit_2(argv, message, work, capsys):
+    from lance_mlx import cmd_serve
+
+    code, err = run_cli(cmd_serve, argv, capsys)
+    assert_one_line(code, err, message)
