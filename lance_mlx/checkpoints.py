@@ -323,20 +323,20 @@ def hub_reference(text) -> tuple[str, str | None]:
     parts = [p for p in (url.group("path") if url else text).split("/") if p]
     if url:
         if parts[:1] in (["datasets"], ["spaces"]):
-            raise WeightsError(f"{text!r} is a hub {parts[0][:-1]}, not a model repo: {_REPO_ID_HINT}", "model")
+            raise WeightsError(f"{text!r} is a hub {parts[0][:-1]}, not a repo of weights: {_REPO_ID_HINT}", "model")
         if len(parts) > 2 and parts[2:4] != ["tree", "main"]:
-            raise WeightsError(f"{text!r} is not a model repo's address (https://huggingface.co/OWNER/NAME, "
+            raise WeightsError(f"{text!r} is not the address of a hub repo (https://huggingface.co/OWNER/NAME, "
                                "optionally /tree/main/SUBFOLDER): other revisions and single files are not "
                                f"downloaded; pass OWNER/NAME, e.g. {UPSTREAM_REPO}", "model")
         parts = parts[:2] + parts[4:]
     elif "://" in text:
-        raise WeightsError(f"{text!r} is not a huggingface.co model address: {_REPO_ID_HINT}", "model")
+        raise WeightsError(f"{text!r} is not a huggingface.co address: {_REPO_ID_HINT}", "model")
     elif text.startswith((".", "/", "~")) or len(parts) < 2:
         raise WeightsError(f"model folder not found: {text} (and it is not a hub repo id like {UPSTREAM_REPO})")
     owner, name = (parts + ["", ""])[:2]
     if not (_REPO_PART.fullmatch(owner) and _REPO_PART.fullmatch(name)) or name.endswith(".git") or \
             any(p in (".", "..") for p in parts[2:]):
-        raise WeightsError(f"{text!r} is neither a model folder nor a hub repo id: {_REPO_ID_HINT}", "model")
+        raise WeightsError(f"{text!r} is neither a local folder nor a hub repo id: {_REPO_ID_HINT}", "model")
     return f"{owner}/{name}", ("/".join(parts[2:]) or None)
 
 

@@ -275,9 +275,9 @@ _NOT_A_NAME_AFTER = r"(?![\w\-/\\'\"`*]|\.\w)"
 
 def flag_message(e: LanceError, user_values: Sequence[str] = ()) -> str:
     """The error's message on one line, its field name (`e.param`, when it names one) shown as the command-line
-    flag: the first place the name stands as a word of the sentence, never inside a path, file pattern or quoted
-    text, nor inside one of `user_values` (the command line's own values, e.g. an --out path named `out`), and
-    not at all when the message already names the flag."""
+    flag: the first place the name stands as a word of the sentence ("steps 0 is out of range", "cannot read
+    image: ..."), never inside a path, file pattern or quoted text, nor inside one of `user_values` (the command
+    line's own values, e.g. an --out path named `out`), and not at all when the message already names the flag."""
     msg = str(e).replace("\n", " ")
     if not e.param:
         return msg
@@ -292,9 +292,8 @@ def flag_message(e: LanceError, user_values: Sequence[str] = ()) -> str:
 
 
 def _user_values(args) -> list:
-    """The text of the parsed command line's values (paths, prompts, ids), longest first."""
-    values = [str(v) for v in vars(args).values() if isinstance(v, (str, Path)) and str(v)]
-    return sorted(set(values), key=len, reverse=True)
+    """The text of the parsed command line's values (paths, prompts, ids)."""
+    return sorted({str(v) for v in vars(args).values() if isinstance(v, (str, Path)) and str(v)})
 
 
 class Terminated(BaseException):

@@ -176,10 +176,10 @@ def test_hub_references(text, repo, sub):
     ("bad repo!/x y", "OWNER/NAME"),
     ("a--b/c", "OWNER/NAME"),
     ("owner/name.git", "OWNER/NAME"),
-    ("https://huggingface.co/datasets/a/b", "dataset, not a model repo"),
+    ("https://huggingface.co/datasets/a/b", "dataset, not a repo of weights"),
     ("https://huggingface.co/a/b/blob/main/x.json", "other revisions and single files"),
     ("https://huggingface.co/a/b/tree/v2", "other revisions"),
-    ("https://github.com/bytedance/Lance", "not a huggingface.co model address"),
+    ("https://github.com/bytedance/Lance", "not a huggingface.co address"),
 ])
 def test_bad_hub_references(text, message):
     with pytest.raises(WeightsError, match=message):
@@ -243,8 +243,11 @@ def test_hub_validation_errors_are_weights_errors(work, monkeypatch, capsys):
 @pytest.mark.parametrize("message,param,values,expected", [
     ("steps 0 is out of range", "steps", (), "--steps 0 is out of range"),
     ("max_tokens must be positive", "max_tokens", (), "--max-tokens must be positive"),
+    ("no image given (the image to edit)", "image", (), "no --image given (the image to edit)"),
+    ("cannot read image: x.png is empty", "image", ("x.png",), "cannot read --image: x.png is empty"),
     ("cannot get files ['Lance_3B/model.safetensors']: the model is offline", "model", (),
      "cannot get files ['Lance_3B/model.safetensors']: the --model is offline"),
+    ("model.safetensors is missing", "model", (), "model.safetensors is missing"),
     ("out/y.bmp is not an image name", "out", ("out/y.bmp",), "out/y.bmp is not an image name"),
     ("out exists (an earlier output)", "out", ("out",), "out exists (an earlier output)"),
     ("'model' is not a repo id", "model", (), "'model' is not a repo id"),
@@ -477,7 +480,7 @@ def test_bad_shard_index_is_a_weights_error(index, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "bad repo!/x y"], "OWNER/NAME"),
-    (["--video-model", "https://huggingface.co/spaces/a/b"], "space, not a model repo"),
+    (["--video-model", "https://huggingface.co/spaces/a/b"], "space, not a repo of weights"),
     (["--max-queue", "0"], "--max-queue must be at least 1"),
     (["--port", "70000"], "--port must be in [0, 65535]"),
 ])
