@@ -59,7 +59,7 @@ def build_config(args):
         raise InvalidRequestError(f"--port must be in [0, 65535], got {args.port}", "port")
     for name in ("model", "video_model"):  # a hub id or address is checked now, before the server starts
         model = getattr(args, name)
-        if model is not None and not Path(model).expanduser().exists():
+        if model is not None and "/" in model and not Path(model).expanduser().exists():
             hub_reference(model)
     return ServerConfig(model=args.model, video_model=args.video_model, output_dir=args.output_dir, dtype=args.dtype,
                         compute_dtype=args.compute_dtype,

@@ -42,19 +42,19 @@ IMAGE_X2T_PRESET = "image_768res"
 MAX_PROMPT_TOKENS = 4096
 MAX_PROMPT_CHARS = 16 * MAX_PROMPT_TOKENS  # a cheap first bound before tokenizing (tokens rarely pass 16 chars)
 MAX_FPS = 240.0
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 1024
 
 # The added (special) tokens of the Qwen2.5-VL tokenizer, in id order 151643..151664 (Lance_3B/tokenizer_config.json
 # `added_tokens_decoder`; upstream data/data_utils.py::add_special_tokens adds none). The tokenizer turns each into
 # its control id wherever it appears in text, so user text holding one would rewrite the chat template (or, for
-# the vision markers, claim an image that is not there); tests/test_tokenizer.py checks this list against the
-# tokenizer.
+# the vision markers, claim an image that is not there); tests/test_input_policy.py checks this list against
+# the tokenizer.
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
     "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 )
-MIN_RESOLUTION, MAX_RESOLUTION = 16, 1024
 
 
 # ------------------------------------------------------------------------------------------------- helpers
