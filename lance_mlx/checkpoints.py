@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import ConfigValueError, LanceConfig, ViTConfig
 from .errors import InvalidRequestError, WeightsError
+from .torch_checkpoint import LFS_POINTER
 
 UPSTREAM_REPO = "bytedance-research/Lance"
 IMAGE_LLM_DIR = "Lance_3B"
@@ -63,22 +64,35 @@ def check_safetensors(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise WeightsError(f"weight file not found: {path}")
     size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or n > min(size - 8, 100 * 2**20):
-                raise ValueError("bad header length")
+    unreadable = WeightsError(f"{path} is not a safetensors file (unreadable header): the file is corrupt or not a "
+                              "weight file; download or convert it again")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head == LFS_POINTER[:8] and f.read(len(LFS_POINTER) - 8) == LFS_POINTER[8:]:
+            raise WeightsError(f"{path} is a Git LFS pointer, not the weights: the repository was cloned without its "
+                               "large files; run `git lfs pull` in it, or download the file with `hf download`")
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+        if n <= 0 or n > min(size - 8, 100 * 2**20):
+            raise unreadable
+        try:
             header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError):
-        raise WeightsError(
-            f"{path} is not a safetensors file (unreadable header): the file is corrupt or not a weight file; "
-            "download or convert it again") from None
+        except (ValueError, UnicodeDecodeError):
+            raise unreadable from None
+    if not isinstance(header, dict) or not all(_valid_entry(v) for k, v in header.items() if k != "__metadata__"):
+        raise unreadable
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise WeightsError(
             f"{path} is truncated ({size} bytes, header promises {8 + n + end}): an incomplete download or copy; "
             "download it again (huggingface_hub resumes partial downloads)")
     return header
+
+
+def _valid_entry(entry) -> bool:
+    """A safetensors header entry: {"dtype", "shape", "data_offsets": [begin, end]}."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    return (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in offsets))
 
 
 def tensor_names(paths: Iterable[Path]) -> list[str]:
@@ -90,7 +104,11 @@ def sharded_files(folder: Path, stem: str = "model") -> list[Path]:
     """`model.safetensors`, or the shards listed in `model.safetensors.index.json`."""
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_config_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightsError(f"{index} has no \"weight_map\" of tensor names to shard files; download or convert "
+                               "the folder again")
+        names = sorted(set(weight_map.values()))
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -289,17 +307,47 @@ def hub_patterns(repo_id: str, subfolder: str | None, task: str, converted: bool
     return pats
 
 
+# One part of a hub repo id (huggingface_hub utils/_validators.py::validate_repo_id): letters, digits, '-', '_',
+# '.', at most 96 characters, not starting or ending with '-' or '.', no '--' or '..'; a name not ending in '.git'.
+_REPO_PART = re.compile(r"(?!.*(?:--|\.\.))[\w](?:[\w.-]{0,94}[\w])?", re.ASCII)
+# Web addresses of a model repo: https://huggingface.co/OWNER/NAME, optionally /tree/main[/SUBFOLDER].
+_HUB_URL = re.compile(r"(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<path>[^?#]*)/*(?:[?#].*)?", re.I)
+_REPO_ID_HINT = f"a hub repo id looks like OWNER/NAME (letters, digits, '-', '_', '.'), e.g. {UPSTREAM_REPO}"
+
+
+def hub_reference(text) -> tuple[str, str | None]:
+    """(repo id, subfolder or None) of `OWNER/NAME[/SUBFOLDER]` or of the repo's web address
+    (https://huggingface.co/OWNER/NAME[/tree/main[/SUBFOLDER]]), checked before the hub is asked."""
+    text = str(text).strip()
+    url = _HUB_URL.fullmatch(text)
+    parts = [p for p in (url.group("path") if url else text).split("/") if p]
+    if url:
+        if parts[:1] in (["datasets"], ["spaces"]):
+            raise WeightsError(f"{text!r} is a hub {parts[0][:-1]}, not a repo of weights: {_REPO_ID_HINT}", "model")
+        if len(parts) > 2 and parts[2:4] != ["tree", "main"]:
+            raise WeightsError(f"{text!r} is not the address of a hub repo (https://huggingface.co/OWNER/NAME, "
+                               "optionally /tree/main/SUBFOLDER): other revisions and single files are not "
+                               f"downloaded; pass OWNER/NAME, e.g. {UPSTREAM_REPO}", "model")
+        parts = parts[:2] + parts[4:]
+    elif "://" in text:
+        raise WeightsError(f"{text!r} is not a huggingface.co address: {_REPO_ID_HINT}", "model")
+    elif text.startswith((".", "/", "~")) or len(parts) < 2:
+        raise WeightsError(f"model folder not found: {text} (and it is not a hub repo id like {UPSTREAM_REPO})")
+    owner, name = (parts + ["", ""])[:2]
+    if not (_REPO_PART.fullmatch(owner) and _REPO_PART.fullmatch(name)) or name.endswith(".git") or \
+            any(p in (".", "..") for p in parts[2:]):
+        raise WeightsError(f"{text!r} is neither a local folder nor a hub repo id: {_REPO_ID_HINT}", "model")
+    return f"{owner}/{name}", ("/".join(parts[2:]) or None)
+
+
 def resolve(path_or_repo, task: str = "t2i") -> ModelFiles:
-    """A local folder, or a hub repo id (optionally `owner/name/subfolder`) downloaded to the HF cache."""
+    """A local folder, or a hub repo (`OWNER/NAME[/SUBFOLDER]` or its huggingface.co address) downloaded to the HF
+    cache."""
     _check_task(task)
     p = Path(str(path_or_repo)).expanduser()
     if p.exists():
         return locate(p, task)
-    parts = str(path_or_repo).strip("/").split("/")
-    if len(parts) < 2 or str(path_or_repo).startswith((".", "/", "~")):
-        raise WeightsError(f"model folder not found: {path_or_repo} (and it is not a hub repo id like "
-                           f"{UPSTREAM_REPO})")
-    repo_id, subfolder = "/".join(parts[:2]), ("/".join(parts[2:]) or None)
+    repo_id, subfolder = hub_reference(path_or_repo)
     local = download(repo_id, subfolder, task)
     return locate(local / subfolder if subfolder else local, task)
 
@@ -313,11 +361,14 @@ def _hub_error(repo_id: str, patterns: list[str], error: Exception) -> WeightsEr
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
+    if isinstance(error, HFValidationError):  # hub_reference checks ids first; this catches rules it does not know
+        return WeightsError(f"{repo_id!r} is not a valid hub repo id ({error}): {_REPO_ID_HINT}", "model")
     if isinstance(error, GatedRepoError):
         return WeightsError(f"{repo_id} is a gated repo: accept its terms on https://huggingface.co/{repo_id} and log "
                             "in (hf auth login, or set HF_TOKEN), or pass --model with a local folder", "model")
@@ -338,9 +389,10 @@ def _hub_error(repo_id: str, patterns: list[str], error: Exception) -> WeightsEr
 def download(repo_id: str, subfolder: str | None, task: str) -> Path:
     """Fetch only the files `task` needs (resumable; served from the cache when HF_HUB_OFFLINE=1)."""
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-    hub_failures = (LocalEntryNotFoundError, HfHubHTTPError, OSError)  # OSError: network and cache errors
+    # OSError: network and cache errors; HFValidationError: an id or file name the hub's client refuses
+    hub_failures = (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError)
     converted = False
     if repo_id != UPSTREAM_REPO and subfolder is None:
         # Single-folder MLX layouts (ours and other ports) carry a top-level config.json next to their weights;

@@ -294,12 +294,32 @@ def fail(msg: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
-def flag_message(e: LanceError) -> str:
-    """The error's message on one line, its field name (when it names one) shown as the command-line flag."""
+# Characters next to a word that make it part of a path, file pattern, option or quoted text, not a field name.
+_NOT_A_NAME_BEFORE = r"(?<![\w\-/\\.~'\"`*])"
+_NOT_A_NAME_AFTER = r"(?![\w\-/\\'\"`*]|\.\w)"
+
+
+def flag_message(e: LanceError, user_values: Sequence[str] = ()) -> str:
+    """The error's message on one line, its field name (`e.param`, when it names one) shown as the command-line
+    flag: the first place the name stands as a word of the sentence ("steps 0 is out of range", "cannot read
+    image: ..."), never inside a path, file pattern or quoted text, nor inside one of `user_values` (the command
+    line's own values, e.g. an --out path named `out`), and not at all when the message already names the flag."""
     msg = str(e).replace("\n", " ")
-    if e.param:
-        msg = re.sub(rf"(?<![\w-]){re.escape(e.param)}\b", "--" + e.param.replace("_", "-"), msg, count=1)
+    if not e.param:
+        return msg
+    flag = "--" + e.param.replace("_", "-")
+    if flag in msg:
+        return msg
+    taken = [m.span() for v in user_values if v for m in re.finditer(re.escape(v), msg)]
+    for m in re.finditer(_NOT_A_NAME_BEFORE + re.escape(e.param) + _NOT_A_NAME_AFTER, msg):
+        if not any(a <= m.start() < b for a, b in taken):
+            return msg[:m.start()] + flag + msg[m.end():]
     return msg
+
+
+def _user_values(args) -> list:
+    """The text of the parsed command line's values (paths, prompts, ids)."""
+    return sorted({str(v) for v in vars(args).values() if isinstance(v, (str, Path)) and str(v)})
 
 
 class Terminated(BaseException):
@@ -323,7 +343,7 @@ def main_guard(run: Callable[[argparse.Namespace], int], parse: Callable[[Option
     except LanceError as e:
         if getattr(args, "debug", False):
             traceback.print_exc()
-        fail(flag_message(e), e.exit_code)
+        fail(flag_message(e, _user_values(args)), e.exit_code)
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written", file=sys.stderr)
         return 130

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         dest = convert(args.model, args.out, options=options)
     except LanceError:
         raise
-    except ValueError as e:  # e.g. an unsafe or unreadable .pth (torch_checkpoint.CheckpointError)
+    except ValueError as e:  # a reader below (numpy, safetensors) refusing a malformed source file
         raise WeightsError(str(e)) from None
     except OSError as e:  # e.g. the disk filled up while writing; the temporary folder is already removed
         raise WriteError(f"conversion failed, {args.out} was left unchanged: {e}") from None

@@ -55,13 +55,18 @@ def build_request(args):
 
 
 def run(args) -> int:
-    return run_prompts(args, run_one, "instruction")
+    return run_prompts(args, run_one, "instruction", check_one)
+
+
+def check_one(args):
+    """(checked output path, request) of one item: what is refused before any model loads."""
+    video = args.video is not None
+    out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
+    return out, build_request(args)
 
 
 def run_one(args) -> int:
-    video = args.video is not None
-    out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
-    request = build_request(args)
+    out, request = check_one(args)
     meta = {"instruction": args.instruction, "source": request.source, "preset": request.preset.name,
             "posterior": request.posterior.describe()}
     if request.negative_prompt:

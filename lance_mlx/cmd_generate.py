@@ -79,13 +79,18 @@ def build_request(args):
 
 
 def run(args) -> int:
-    return run_prompts(args, run_one, "prompt")
+    return run_prompts(args, run_one, "prompt", check_one)
+
+
+def check_one(args):
+    """(checked output path, request) of one item: what is refused before any model loads."""
+    video = args.frames != 1 or args.image is not None
+    out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
+    return out, build_request(args)
 
 
 def run_one(args) -> int:
-    video = args.frames != 1 or args.image is not None
-    out = check_output(args.out, ("video", "frames") if video else ("image",), force=args.force)
-    request = build_request(args)
+    out, request = check_one(args)
     enhancer = enhancer_from_args(args)
     meta = {"prompt": args.prompt}
     if request.negative_prompt:

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoints import UPSTREAM_REPO
-from .cli import add_dtype_args
+from .checkpoints import UPSTREAM_REPO, hub_reference
+from .cli import add_dtype_args, fail, flag_message
+from .errors import InvalidRequestError, LanceError
 from .server.settings import MAX_BODY_MB, MAX_IMAGES, MAX_PIXELS, MAX_QUEUE, MAX_STEPS
 from .tasks import MAX_FRAMES
 
@@ -57,9 +58,13 @@ def build_config(args):
 
     for name in ("max_queue", "max_steps", "max_pixels", "max_frames", "max_images", "max_body_mb"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+            raise InvalidRequestError(f"--{name.replace('_', '-')} must be at least 1", name)
     if not 0 <= args.port <= 65535:
-        raise SystemExit(f"error: --port must be in [0, 65535], got {args.port}")
+        raise InvalidRequestError(f"--port must be in [0, 65535], got {args.port}", "port")
+    for name in ("model", "video_model"):  # a hub id or address is checked now, before the server starts
+        model = getattr(args, name)
+        if model is not None and "/" in model and not Path(model).expanduser().exists():
+            hub_reference(model)
     return ServerConfig(model=args.model, video_model=args.video_model, output_dir=args.output_dir, dtype=args.dtype,
                         compute_dtype=args.compute_dtype,
                         api_key=args.api_key, host=args.host, allowed_hosts=tuple(args.allow_host),
@@ -76,7 +81,10 @@ def main(argv=None) -> int:
     from .server.lock import FolderInUse, OutputLock
 
     args = parse_args(argv)
-    config = build_config(args)
+    try:
+        config = build_config(args)
+    except LanceError as e:
+        fail(flag_message(e), e.exit_code)
     try:  # before the port is bound and before any clean-up: a second server on this folder changes nothing
         lock = OutputLock(config.output_dir, args.port).acquire()
     except (FolderInUse, OSError) as e:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from .errors import WeightsError, WeightsNotFoundError
+
 # Source tags used in comments below:
 #   [llm_config]  upstream Lance_3B/llm_config.json (Qwen2.5-VL-3B text tower)
 #   [sh]          upstream inference_lance.sh (flags passed to the official inference)
@@ -39,8 +41,8 @@ OUTPUT_FPS = 12.0
 MAX_ANSWER_TOKENS = 256
 
 
-class ConfigValueError(ValueError):
-    """A config.json value of the wrong type; the loaders add the file's name (errors.WeightsError)."""
+class ConfigValueError(WeightsError):
+    """A config.json value of the wrong type; the loaders add the file's name."""
 
 
 def _check_type(cls, name: str, default, value) -> None:
@@ -238,9 +240,9 @@ class LanceConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
+            raise WeightsNotFoundError(f"config file not found: {path}") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-convert the model folder") from None
+            raise WeightsError(f"{path} is not valid JSON ({e}); re-download or re-convert the model folder") from None
         return cls.from_dict(data)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from . import sampler as S
 from .config import SamplingParams
 from .distributed_seq import ShardedNoiseBlock, assemble, latent_bounds, pad_rows, shard_bounds
-from .errors import GenerationError, InvalidRequestError
+from .errors import GenerationError, InvalidRequestError, LanceError
 from .lance import BranchState, Lance
 from .llm import Routing
 from .sampler import Step, Velocity
@@ -262,6 +262,11 @@ def numbered(out: Path, i: int) -> Path:
 def read_prompts(path: Path, text_field: str, options: Dict[str, object]) -> List[Dict[str, object]]:
     """Items of a prompts file: a plain line is {text_field: line}; a JSON object line sets options by their
     argument names (dashes or underscores). Blank lines and lines starting with # are skipped."""
+    return [item for _, item in read_numbered_prompts(path, text_field, options)]
+
+
+def read_numbered_prompts(path: Path, text_field: str, options: Dict[str, object]) -> List[Tuple[int, Dict]]:
+    """(line number, item) of each item of a prompts file (see read_prompts)."""
     import json
 
     try:
@@ -274,30 +279,53 @@ def read_prompts(path: Path, text_field: str, options: Dict[str, object]) -> Lis
         if not line or line.startswith("#"):
             continue
         if not line.startswith("{"):
-            items.append({text_field: line})
+            items.append((n, {text_field: line}))
             continue
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"{path} line {n} is not valid JSON: {e}", "prompts_file") from None
+            raise InvalidRequestError(f"{path}:{n}: not valid JSON ({e})", "prompts_file") from None
+        if not isinstance(raw, dict):
+            raise InvalidRequestError(f"{path}:{n}: not a JSON object of options", "prompts_file")
         item = {str(k).replace("-", "_"): v for k, v in raw.items()}
         bad = sorted(k for k in item if k not in options or k in FIXED_OPTIONS)
         if bad:
-            raise InvalidRequestError(f"{path} line {n}: unknown or fixed option(s) {', '.join(bad)}; lines may set "
+            raise InvalidRequestError(f"{path}:{n}: unknown or fixed option(s) {', '.join(bad)}; lines may set "
                                       f"{', '.join(sorted(set(options) - set(FIXED_OPTIONS)))}", "prompts_file")
         for k, v in item.items():
             if isinstance(options[k], Path) or k in ("image", "video", "out"):
                 item[k] = None if v is None else Path(v)
             elif isinstance(v, list):
                 item[k] = tuple(v)
-        items.append(item)
+        items.append((n, item))
     if not items:
         raise InvalidRequestError(f"the prompts file {path} has no items", "prompts_file")
     return items
 
 
-def run_prompts(args, run_one, text_field: str) -> int:
-    """A generation command's run: one item, or every item of --prompts-file (this rank's share with batch)."""
+def check_items(args, items: List[Tuple[int, Dict]], check_one) -> None:
+    """Check every item of a prompts file before the first runs (`check_one(namespace)` raises what `run_one`
+    would before loading): the first bad one is reported as FILE:LINE: its problem."""
+    first_line: Dict[Path, int] = {}
+    for i, (n, item) in enumerate(items):
+        values = dict(vars(args), prompts_file=None, seed=args.seed + i, out=numbered(args.out, i))
+        values.update(item)
+        ns = argparse.Namespace(**values)
+        try:
+            check_one(ns)
+        except LanceError as e:
+            e.args, e.param = (f"{args.prompts_file}:{n}: {str(e)}",), None
+            raise e from None
+        out = Path(ns.out).expanduser().absolute()
+        if out in first_line:
+            raise InvalidRequestError(f"{args.prompts_file}:{n}: writes {ns.out}, as line {first_line[out]} does: give "
+                                      "each line its own out", "prompts_file")
+        first_line[out] = n
+
+
+def run_prompts(args, run_one, text_field: str, check_one=None) -> int:
+    """A generation command's run: one item, or every item of --prompts-file (this rank's share with batch), each
+    checked first with `check_one` when given."""
     if args.prompts_file is None:
         if getattr(args, text_field) is None:
             raise InvalidRequestError(f"give --{text_field} (or --prompts-file)", text_field)
@@ -307,7 +335,10 @@ def run_prompts(args, run_one, text_field: str) -> int:
         return run_one(args)
     if getattr(args, text_field) is not None:
         raise InvalidRequestError(f"give --{text_field} or --prompts-file, not both", text_field)
-    items = read_prompts(args.prompts_file, text_field, vars(args))
+    numbered_items = read_numbered_prompts(args.prompts_file, text_field, vars(args))
+    if check_one is not None:
+        check_items(args, numbered_items, check_one)
+    items = [item for _, item in numbered_items]
     group = world()
     batch = args.parallel in ("auto", "batch")
     for i in range(group.rank(), len(items), group.size()) if batch else range(len(items)):

@@ -35,6 +35,10 @@ class WeightsError(LanceError, ValueError):
     """A model folder or weight file is missing, incomplete, of an unknown layout, or wrong for the task."""
 
 
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """A weight file named directly (not found through a model folder) does not exist."""
+
+
 class OutputError(LanceError, OSError):
     """An output path is refused or unusable (an existing folder, a file the tool did not write, no such folder)."""
 

@@ -291,7 +291,8 @@ def load_components(files: ModelFiles, task: str, dtype: str | mx.Dtype = "bfloa
     vae_dt = parse_dtype(vae_dtype) if vae_dtype is not None else dt
     model, bundled_vit = load_lance(files, dt, lazy, rope_bf16, und_bits)
     components = Components(model=model, tokenizer=load_tokenizer(files.tokenizer_dir))
-    if low_memory:
+    if low_memory:  # loaded later, for their phases: refuse broken files now, not after the denoising
+        check_encoder_files(files)
         return components
     if files.vit_weights is not None or (TASKS[task][2] and bundled_vit):
         components.vit = load_vision(model.config.vit, files, bundled_vit, dt, lazy)
@@ -299,6 +300,19 @@ def load_components(files: ModelFiles, task: str, dtype: str | mx.Dtype = "bfloa
     if files.vae_weights is not None:
         components.vae = load_vae(files.vae_weights, vae_dt, lazy)
     return components
+
+
+def check_encoder_files(files: ModelFiles) -> None:
+    """Check the ViT and VAE files without reading their tensors (headers, and a `.pth`'s pickle and records)."""
+    from .torch_checkpoint import check_torch_checkpoint
+
+    if files.vit_weights is not None:
+        check_safetensors(files.vit_weights)
+    if files.vae_weights is not None:
+        if files.vae_weights.suffix == ".safetensors":
+            check_safetensors(files.vae_weights)
+        else:
+            check_torch_checkpoint(files.vae_weights)
 
 
 def component_loaders(files: ModelFiles, task: str, dtype: str | mx.Dtype = "bfloat16",

@@ -49,10 +49,23 @@ MAX_PROMPT_CHARS = 16 * MAX_PROMPT_TOKENS  # a cheap first bound before tokenizi
 MAX_FPS = 240.0
 MIN_RESOLUTION, MAX_RESOLUTION = 16, 1024
 
+# The added (special) tokens of the Qwen2.5-VL tokenizer, in id order 151643..151664 (Lance_3B/tokenizer_config.json
+# `added_tokens_decoder`; upstream data/data_utils.py::add_special_tokens adds none). The tokenizer turns each into
+# its control id wherever it appears in text, so user text holding one would rewrite the chat template (or, for
+# the vision markers, claim an image that is not there); tests/test_input_policy.py checks this list against
+# the tokenizer.
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+)
+
 
 # ------------------------------------------------------------------------------------------------- helpers
 def check_text(text, what: str, example: str) -> str:
-    """A non-empty string of valid Unicode, or an error naming `what` and an example."""
+    """A non-empty string of valid Unicode without special tokens, or an error naming `what` and the fix. Every
+    request type checks each of its text fields with it (the command-line scripts and the server build them)."""
     if text is not None and not isinstance(text, str):
         raise InvalidTypeError(f"the {what} must be text, got {type(text).__name__}")
     if text is None or not text.strip():
@@ -65,6 +78,10 @@ def check_text(text, what: str, example: str) -> str:
     if len(text) > MAX_PROMPT_CHARS:
         raise InvalidRequestError(f"the {what} is {len(text)} characters long; keep it under about "
                                   f"{MAX_PROMPT_TOKENS} tokens")
+    token = next((t for t in SPECIAL_TOKENS if t in text), None)
+    if token is not None:
+        raise InvalidRequestError(f"the {what} contains '{token}', a special token of the model's tokenizer (it "
+                                  "would be read as a control token, not as text): remove it")
     return text
 
 
@@ -475,6 +492,7 @@ REQUEST_TYPES = (TextToImage, TextToVideo, ImageToVideo, ImageEdit, VideoEdit, U
 
 __all__ = [
     "GenerationRequest", "ImageEdit", "ImageToVideo", "MAX_FRAMES", "MAX_PROMPT_TOKENS", "Posterior", "Request",
-    "TextToImage", "TextToVideo", "Understand", "VideoEdit", "check_latent_grid", "check_negative_prompt", "check_size",
-    "check_text", "check_token_count", "latent_frames", "latent_grid", "nearest_valid_frames",
+    "SPECIAL_TOKENS", "TextToImage", "TextToVideo", "Understand", "VideoEdit", "check_latent_grid",
+    "check_negative_prompt", "check_size", "check_text", "check_token_count", "latent_frames", "latent_grid",
+    "nearest_valid_frames",
 ]

@@ -7,15 +7,18 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "load_torch_checkpoint"]
+from .errors import WeightsError, WeightsNotFoundError
+
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "check_torch_checkpoint", "load_torch_checkpoint"]
 
 
-class CheckpointError(ValueError):
-    """A weight file that cannot be read (missing pieces, truncated, corrupt, unsupported)."""
+class CheckpointError(WeightsError):
+    """A weight file that cannot be read (missing pieces, truncated, corrupt, unsupported): a `WeightsError`, so the
+    command-line scripts report it in one line (exit 2) and a server as its error."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -40,6 +43,10 @@ _STORAGE_DTYPES = {
 # Top-level keys under which training scripts commonly nest the state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 
+# The first bytes of a Git LFS pointer file (https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md), what a clone
+# without `git lfs` leaves in place of a large file.
+LFS_POINTER = b"version https://git-lfs"
+
 _FIX = ("save the weights with `torch.save(model.state_dict(), path)` (tensors only) or convert them to "
         ".safetensors, then load that file")
 
@@ -53,11 +60,13 @@ class _StorageType:
 
 
 class _Storage:
-    """A storage's flat element array (bfloat16 kept as uint16 until a tensor is built)."""
+    """A storage's flat element array (bfloat16 kept as uint16 until a tensor is built); `data` is None when only
+    the archive's structure is checked (`check_torch_checkpoint`)."""
 
-    def __init__(self, data: np.ndarray, bf16: bool):
+    def __init__(self, data: Optional[np.ndarray], bf16: bool, numel: int):
         self.data = data
         self.bf16 = bf16
+        self.numel = numel
 
 
 def _bf16_to_f32(u16: np.ndarray) -> np.ndarray:
@@ -80,12 +89,13 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         raise CheckpointError(f"negative tensor offset/size/stride: {storage_offset}, {size}, {stride}")
     data = storage.data
     numel = int(np.prod(size, dtype=np.int64))
+    # as_strided does no bounds checking: refuse any view that would reach past the storage.
+    if numel and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel:
+        raise CheckpointError(f"tensor view (offset {storage_offset}, size {size}, stride {stride}) "
+                              f"reaches past its storage of {storage.numel} elements")
+    if data is None:  # structure check only: nothing was read
+        return np.empty(0, np.uint8)
     if numel:
-        # as_strided does no bounds checking: refuse any view that would reach past the storage.
-        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if last >= data.size:
-            raise CheckpointError(f"tensor view (offset {storage_offset}, size {size}, stride {stride}) "
-                                  f"reaches past its storage of {data.size} elements")
         view = np.lib.stride_tricks.as_strided(
             data[storage_offset:], shape=size, strides=[s * data.itemsize for s in stride], writeable=False)
     else:
@@ -116,8 +126,10 @@ _ALLOWED_GLOBALS: Dict[Tuple[str, str], Any] = {
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler whose only reachable globals are the allow-list above; storages come from the zip archive."""
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: Path, big_endian: bool):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: Path, big_endian: bool,
+                 read_records: bool = True):
         super().__init__(file)
+        self._read_records = read_records
         self._archive = archive
         self._prefix = prefix
         self._path = path
@@ -155,6 +167,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if info.file_size != numel * dtype.itemsize:
             raise CheckpointError(f"{self._path}: record '{member}' holds {info.file_size} bytes, expected "
                                   f"{numel} x {dtype.itemsize}; the file is corrupt. Fix: re-download or re-save it.")
+        if not self._read_records:
+            storage = self._storages[key] = _Storage(None, bf16, numel)
+            return storage
         buf = np.empty(info.file_size, np.uint8)
         with self._archive.open(info) as f:  # reading to the end also checks the record's CRC
             got = f.readinto(memoryview(buf))
@@ -163,7 +178,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         data = buf.view(dtype)
         if self._big_endian:
             data = data.astype(dtype.newbyteorder("="))
-        storage = _Storage(data, bf16)
+        storage = _Storage(data, bf16, data.size)
         self._storages[key] = storage
         return storage
 
@@ -180,6 +195,13 @@ def _state_dict(obj, path: Path) -> Dict[str, np.ndarray]:
                           f"Fix: {_FIX}.")
 
 
+def check_torch_checkpoint(path) -> None:
+    """Check a `.pth` file as `load_torch_checkpoint` would, without reading its tensors: the archive, its pickle
+    (allow-listed globals only, nothing called), every record's presence and size. Fast (the pickle is small), so a
+    loader that reads the tensors later can refuse a broken file first."""
+    _read(path, read_records=False)
+
+
 def load_torch_checkpoint(path) -> Dict[str, np.ndarray]:
     """Read a zip-format `.pth` state dict into {name: numpy array}.
 
@@ -187,14 +209,25 @@ def load_torch_checkpoint(path) -> Dict[str, np.ndarray]:
     `UnsafeCheckpointError` before anything is called. bfloat16 tensors come back as float32 (exact).
     A dict nesting the state dict under "state_dict"/"model"/"module"/"model_state_dict" is unwrapped.
     """
+    return _read(path, read_records=True)
+
+
+def _read(path, read_records: bool) -> Dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}. Fix: check the path (or download the file).")
+        raise WeightsNotFoundError(f"checkpoint not found: {path}. Fix: check the path (or download the file).")
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
         with open(path, "rb") as f:
-            head = f.read(2)
+            head = f.read(len(LFS_POINTER))
+        if not head:
+            raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or copy. Fix: re-download "
+                                  "it.") from e
+        if head == LFS_POINTER:
+            raise CheckpointError(f"{path} is a Git LFS pointer, not the weights: the repository was cloned without "
+                                  "its large files. Fix: run `git lfs pull` in it, or download the file with "
+                                  "`hf download`.") from e
         if head[:1] == b"\x80":
             raise CheckpointError(
                 f"{path}: this is a legacy (pre-zip) PyTorch file, which is not supported. Fix: re-save it with a "
@@ -212,11 +245,12 @@ def load_torch_checkpoint(path) -> Dict[str, np.ndarray]:
             big_endian = archive.read(f"{prefix}/byteorder").strip() == b"big"
         try:
             with archive.open(pkls[0]) as f:
-                obj = _RestrictedUnpickler(f, archive, prefix, path, big_endian).load()
+                obj = _RestrictedUnpickler(f, archive, prefix, path, big_endian, read_records).load()
         except CheckpointError as e:
             if str(path) in str(e):
                 raise
-            raise type(e)(f"{path}: {e}. Fix: re-download or re-save it.") from None
+            e.args = (f"{path}: {e}. Fix: re-download or re-save it.",)  # keeps its type (unsafe or corrupt)
+            raise e from None
         except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, OSError, ValueError, TypeError,
                 AttributeError, IndexError, KeyError) as e:
             raise CheckpointError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e}). "

@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import IM_END, IM_START, IMAGE_PAD, MAX_ANSWER_TOKENS, NEWLINE, VIDEO_PAD, VISION_END, VISION_START
+from .errors import InvalidRequestError, WeightsError
 from .llm import KVCache, text_positions
 from .sequence import (
     ASSISTANT,
@@ -35,7 +36,7 @@ def system_prompt(vision_type: str = "image", question: Optional[str] = None, ca
     (default 0, "Generate a detailed and accurate description ...") so a run is reproducible.
     """
     if vision_type not in QA_SYSTEM_PROMPTS:
-        raise ValueError(f"vision_type must be 'image' or 'video', got {vision_type!r}")
+        raise InvalidRequestError(f"vision_type must be 'image' or 'video', got {vision_type!r}")
     if question:
         return QA_SYSTEM_PROMPTS[vision_type]
     prompts = caption_system_prompts(vision_type)
@@ -121,11 +122,11 @@ def build_prompt(tokenizer, vit_grid: Tuple[int, int, int], vision_type: str = "
     ids = list(tokenizer(render_prompt(system, question), add_special_tokens=False)["input_ids"])
     if ids.count(VISION_START) != 1 or ids.count(VIDEO_PAD) != 1 or ids.count(VISION_END) != 1 \
             or IMAGE_PAD in ids:
-        raise ValueError("the question or system prompt contains vision special tokens (<|vision_start|>, "
-                         "<|video_pad|>, <|image_pad|>, <|vision_end|>); remove them")
+        raise InvalidRequestError("the question or system prompt contains vision special tokens "
+                                  "(<|vision_start|>, <|video_pad|>, <|image_pad|>, <|vision_end|>); remove them")
     if ids[-3:] != [IM_START, ASSISTANT, NEWLINE]:
-        raise ValueError("the template did not tokenize to '<|im_start|>assistant\\n' at its end; is this the "
-                         "Qwen2.5-VL tokenizer?")
+        raise WeightsError("the template did not tokenize to '<|im_start|>assistant\\n' at its end; is this the "
+                           "Qwen2.5-VL tokenizer?")
     t, h, w = (int(v) for v in vit_grid)
     m = spatial_merge_size
     if t < 1 or h % m or w % m or h < m or w < m:
@@ -149,9 +150,9 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) ->
     restricted to the smallest set of tokens whose probability reaches `top_p`, drawn from MLX's generator seeded
     with `seed` (one key split per step, so a seed gives one answer)."""
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise InvalidRequestError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
     state = {"key": mx.random.key(int(seed))}
@@ -299,13 +300,13 @@ def generate(model, prompt: UnderstandingPrompt, tokenizer, max_tokens: int = MA
     trailing whitespace. `keep_logits` keeps each step's logits in the result.
     """
     if int(max_tokens) <= 0:
-        raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
+        raise InvalidRequestError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
     if sampler is None:
         sampler = make_sampler(temperature, top_p, seed)  # validates before any work
     limit = model.config.llm.max_position_embeddings
     if prompt.last_position + max_tokens >= limit:
-        raise ValueError(f"the prompt ends at position {prompt.last_position}; with max_tokens {max_tokens} it "
-                         f"exceeds the context limit {limit}; use a smaller image/video or fewer tokens")
+        raise InvalidRequestError(f"the prompt ends at position {prompt.last_position}; with max_tokens {max_tokens} "
+                                  f"it exceeds the context limit {limit}; use a smaller image/video or fewer tokens")
     vocab_limit = len(tokenizer) if tokenizer is not None else model.config.tokenizer_vocab_size
     return TextStream(_run(model, prompt, tokenizer, int(max_tokens), sampler, int(vocab_limit), keep_logits))
 

@@ -9,7 +9,7 @@ import mlx.core as mx
 from mlx import nn
 from mlx.utils import tree_flatten
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, WeightsNotFoundError
 from .torch_checkpoint import CheckpointError, load_torch_checkpoint
 from .vae_blocks import PATCH, CausalConv3d, Decoder3d, Encoder3d, _FeatCache
 
@@ -180,7 +180,7 @@ def load_vae_checkpoint(path) -> dict[str, object]:
     """Raw tensors of `Wan2.2_VAE.pth` (numpy, via the safe reader) or of an MLX `.safetensors` (mx arrays)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"VAE weights not found: {path}. Fix: pass the path of Wan2.2_VAE.pth (from the "
+        raise WeightsNotFoundError(f"VAE weights not found: {path}. Fix: pass the path of Wan2.2_VAE.pth (from the "
                                 "Lance or Wan2.2 release) or of a .safetensors written by Wan2_2_VAE.save_weights.")
     if path.suffix == ".safetensors":
         try:

@@ -13,6 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import ViTConfig
+from .errors import WeightsError, WeightsNotFoundError
 
 Grid = Tuple[int, int, int]
 
@@ -338,7 +339,7 @@ def sanitize_vit_weights(weights: Dict[str, mx.array], config: Optional[ViTConfi
         w = out[key]
         shape = tuple(w.shape)
         if len(shape) != 5:
-            raise ValueError(f"{key} must be 5-D, got shape {shape}")
+            raise WeightsError(f"{key} must be 5-D, got shape {shape}")
         if config is not None:
             c = config
             mlx_shape = (c.hidden_size, c.temporal_patch_size, c.patch_size, c.patch_size, c.in_channels)
@@ -346,7 +347,7 @@ def sanitize_vit_weights(weights: Dict[str, mx.array], config: Optional[ViTConfi
             if shape == torch_shape and shape != mlx_shape:
                 out[key] = w.transpose(0, 2, 3, 4, 1)
             elif shape != mlx_shape:
-                raise ValueError(f"{key} has shape {shape}; expected {mlx_shape} (MLX) or {torch_shape} (PyTorch)")
+                raise WeightsError(f"{key} has shape {shape}; expected {mlx_shape} (MLX) or {torch_shape} (PyTorch)")
         elif shape[3] == shape[4] and shape[2] != shape[3]:  # (O, C, tp, p, p): square patch in the last two axes
             out[key] = w.transpose(0, 2, 3, 4, 1)
     return out
@@ -361,7 +362,7 @@ def load_vit(path: Union[str, Path], config: Optional[ViTConfig] = None, dtype=m
     else:
         cfg_file, weights_file = path.parent / "config.json", path
     if not weights_file.is_file():
-        raise FileNotFoundError(f"ViT weights not found: {weights_file}")
+        raise WeightsNotFoundError(f"ViT weights not found: {weights_file}")
     if config is None:
         config = ViTConfig.from_dict(json.loads(cfg_file.read_text())) if path.is_dir() and cfg_file.is_file() \
             else ViTConfig()

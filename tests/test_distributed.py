@@ -133,7 +133,7 @@ def test_prompts_file_items(tmp_path):
     assert items == [{"prompt": "a cat"}, {"prompt": "a dog", "seed": 7, "out": Path("x.png"),
                                            "cfg_interval": (0.5, 1)}]
     f.write_text('{"model": "other"}\n')
-    with pytest.raises(InvalidRequestError, match="line 1: unknown or fixed option"):
+    with pytest.raises(InvalidRequestError, match=":1: unknown or fixed option"):
         D.read_prompts(f, "prompt", options)
     assert D.numbered(Path("out/cat.png"), 3) == Path("out/cat-003.png")
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import server_helpers as H
+from lance_mlx.errors import LanceError
 from server_helpers import error_of, make_client
 
 PROMPT = "a red kite over green hills"
@@ -233,9 +234,10 @@ def test_command_line():
     assert (cfg.model_for("image"), cfg.model_for("video"), cfg.max_queue) == ("m", "v", 8)
     assert (cfg.max_body_bytes, cfg.api_key, cfg.dtype) == (2 * 2**20, "k", "float32")
     assert build_config(parse_args(["--model", "m"])).model_for("video") == "m"
-    for bad in (["--max-queue", "0"], ["--port", "70000"], ["--max-steps", "-1"]):
-        with pytest.raises(SystemExit, match="error"):
+    for bad in (["--max-queue", "0"], ["--port", "70000"], ["--max-steps", "-1"], ["--model", "bad repo!/x"]):
+        with pytest.raises(LanceError, match="must be|OWNER/NAME") as e:  # serve.py: one line, exit 2
             build_config(parse_args(bad))
+        assert e.value.exit_code == 2
 
 
 def test_the_http_layer_never_imports_mlx():

@@ -168,3 +168,27 @@ def test_garbage_and_missing_files(tmp_path):
         load_torch_checkpoint(junk)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_torch_checkpoint(tmp_path / "missing.pth")
+
+
+def test_check_reads_no_tensors_and_refuses_what_load_refuses(tmp_path):
+    """check_torch_checkpoint: the archive, pickle and record sizes, without reading the records."""
+    from lance_mlx.torch_checkpoint import check_torch_checkpoint
+
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16)},
+               good)
+    assert check_torch_checkpoint(good) is None
+    marker = tmp_path / "payload_ran"
+    bad = tmp_path / "bad.pth"
+    torch.save({"weight": torch.zeros(2), "x": _RunsShell(marker)}, bad)
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load global"):
+        check_torch_checkpoint(bad)
+    assert not marker.exists()
+    short = tmp_path / "short.pth"
+    _write_archive(short, _crafted_tensor_pickle("0", 4, (4,), (1,)), {"0": b"\0" * 8})
+    with pytest.raises(CheckpointError, match="holds 8 bytes"):
+        check_torch_checkpoint(short)
+    past = tmp_path / "past.pth"
+    _write_archive(past, _crafted_tensor_pickle("0", 4, (3,), (2,)), {"0": b"\0" * 16})
+    with pytest.raises(CheckpointError, match="reaches past its storage"):
+        check_torch_checkpoint(past)
