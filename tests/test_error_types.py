@@ -16,6 +16,7 @@ import pytest
 
 from lance_mlx import errors
 from lance_mlx.errors import LanceError
+from server_helpers import BASE_URL
 
 PACKAGE = Path(errors.__file__).parent
 ROOT = PACKAGE.parent
@@ -268,6 +269,6 @@ def test_cli_and_server_map_errors_alike(cls, tmp_path, capsys):
         raise cls("what went wrong")
 
     config = ServerConfig(model=str(tmp_path / "model"), output_dir=tmp_path / "out", dtype="float32")
-    with TestClient(create_app(config, loader)) as client:
+    with TestClient(create_app(config, loader), base_url=BASE_URL) as client:
         r = client.post("/v1/images/generations", json={"prompt": "a fox", "size": "32x32", "steps": 1})
     assert r.status_code == status and "what went wrong" in r.json()["error"]["message"], r.text

@@ -299,18 +299,18 @@ class Engine:
                 self.degraded = _storage_reason(storage_error(e, "writing the output"))
                 return self._finish(job, "failed", self.degraded)
             return self._finish(job, "failed", {"code": _snake(e), "message": str(e), "param": e.param})
+        except LanceError as e:  # before OSError: a missing input or weights file is the request's / setup's
+            code = "invalid_request" if isinstance(e, (InvalidRequestError, InvalidTypeError)) else _snake(e)
+            param = e.param
+            if param is None and "tokens long" in str(e):  # the text, counted with the model's tokenizer
+                param = _text_param(job)
+            return self._finish(job, "failed", {"code": code, "message": str(e), "param": param})
         except OSError as e:  # the disk failed under a write that is not ours to wrap (decoder, cache)
             if _out_of_space(e):
                 self.degraded = _storage_reason(storage_error(e, "writing the output"))
                 return self._finish(job, "failed", self.degraded)
             log.exception("job %s failed", job.id)
             return self._finish(job, "failed", {"code": "internal_error", "message": type(e).__name__})
-        except LanceError as e:
-            code = "invalid_request" if isinstance(e, (InvalidRequestError, InvalidTypeError)) else _snake(e)
-            param = e.param
-            if param is None and "tokens long" in str(e):  # the text, counted with the model's tokenizer
-                param = _text_param(job)
-            return self._finish(job, "failed", {"code": code, "message": str(e), "param": param})
         except Exception as e:  # a bug or an environment failure: keep the server up, record it on the job
             log.exception("job %s failed", job.id)
             return self._finish(job, "failed", {"code": "internal_error", "message": type(e).__name__})
