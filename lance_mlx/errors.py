@@ -49,3 +49,7 @@ class GenerationError(LanceError, RuntimeError):
     """A run failed after it started for a reason other than its inputs."""
 
     exit_code = 1
+
+
+class InsufficientMemoryError(InvalidRequestError):
+    """A request's estimated peak memory exceeds what the machine has available (lance_mlx/memory_estimate.py)."""
