@@ -302,23 +302,14 @@ def skip_requested(flag: bool = False) -> bool:
     return flag or os.environ.get(SKIP_ENV, "") not in ("", "0")
 
 
-def options_for_model(args, task: str) -> Optional[MemoryOptions]:
-    """The command's loading flags with the geometry of a local model folder (its config, and the size of its VAE
-    file next to Wan 2.2's in bf16); a hub id counts as the full-size model. None for a local path that does not
-    hold the task's files: the load reports that with its own message."""
-    from pathlib import Path
-
+def options_for_model(args, task: str) -> MemoryOptions:
+    """The command's loading flags with the geometry of the model (its config, and the size of its VAE file next
+    to Wan 2.2's in bf16). The folder is resolved as the load will (a hub repo is downloaded first; that takes
+    disk, not memory), so a missing folder or an unreachable repo is reported with its own message."""
     from . import checkpoints
-    from .errors import LanceError
 
-    path = Path(str(args.model)).expanduser()
-    if not path.exists():
-        return MemoryOptions.from_args(args)
-    try:
-        files = checkpoints.locate(path, task)
-        config = checkpoints.read_lance_config(files)
-    except (LanceError, OSError, ValueError):
-        return None
+    files = checkpoints.resolve(args.model, task)
+    config = checkpoints.read_lance_config(files)
     vae_scale = 1.0
     if files.vae_weights is not None and files.vae_weights.is_file():
         full = weight_bytes(MemoryOptions()).vae  # Wan 2.2 in bf16
@@ -329,11 +320,8 @@ def options_for_model(args, task: str) -> Optional[MemoryOptions]:
 def check_before_loading(args, request) -> None:
     """The commands' check: refuse (exit 2, one line) before any weight loads, unless --skip-memory-check or
     LANCE_MLX_SKIP_MEMORY_CHECK=1."""
-    if skip_requested(getattr(args, "skip_memory_check", False)):
-        return
-    options = options_for_model(args, request.task)
-    if options is not None:
-        check_memory(request, options)
+    if not skip_requested(getattr(args, "skip_memory_check", False)):
+        check_memory(request, options_for_model(args, request.task))
 
 
 __all__ = ["MemoryOptions", "Weights", "available_memory_bytes", "check_before_loading", "check_memory",
