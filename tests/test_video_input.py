@@ -233,3 +233,32 @@ def test_the_cli_describes_a_1080p_clip_within_the_bound(tmp_path, tiny_model):
                                  "--preset", "video_192p")
     assert code == 0, err
     assert maxrss < 2 * GIB, maxrss
+
+
+def png_header(width, height) -> bytes:
+    """A PNG whose header says width x height, with no pixel data: opening it reads the size only."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+            + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND")))
+
+
+@pytest.mark.parametrize("size,message", [((12000, 12000), "image is 144 MP; the limit is 64 MP"),
+                                          ((9000, 9000), r"image is 9000x9000 \(81 MP\); the limit is 16384 px")])
+def test_image_pixel_limit_from_the_header(tmp_path, size, message):
+    """PIL's guard is set to our limit (it refuses above twice it in Image.open), our check covers the rest; both
+    before any pixel is decoded, in one line naming the size and the limit."""
+    from PIL import Image
+
+    from lance_mlx import processing
+    from lance_mlx.tasks import load_image_input
+
+    assert Image.MAX_IMAGE_PIXELS == processing.MAX_IMAGE_PIXELS == 8192 * 8192
+    path = tmp_path / "big.png"
+    path.write_bytes(png_header(*size))
+    with pytest.raises(InvalidRequestError, match=message) as e:
+        load_image_input(path)
+    assert "\n" not in str(e.value) and "downscale it first" in str(e.value)
