@@ -262,3 +262,18 @@ def test_image_pixel_limit_from_the_header(tmp_path, size, message):
     with pytest.raises(InvalidRequestError, match=message) as e:
         load_image_input(path)
     assert "\n" not in str(e.value) and "downscale it first" in str(e.value)
+
+
+def test_server_uploads_keep_only_the_sampled_frames(clips, tmp_path):
+    from lance_mlx.server import inputs
+
+    path = clips[1]["clip24"]
+    everything, fps = decode_everything(path)
+    upload = inputs.Media(path.read_bytes(), "video/mp4", "clip.mp4")
+    frames, given_fps = inputs.video(upload, "video", tmp_path / "scratch")
+    assert given_fps is None and np.array_equal(frames, everything[sample_frame_indices(len(everything), fps)])
+    assert list((tmp_path / "scratch").iterdir()) == []  # the scratch copy is removed
+    huge = inputs.Media(tiny_gif(13000, 13000, 2), "image/gif", "huge.gif")
+    with pytest.raises(InvalidRequestError, match="13000x13000") as e:
+        inputs.video(huge, "video", tmp_path / "scratch")
+    assert e.value.param == "video"
