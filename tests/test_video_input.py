@@ -133,7 +133,19 @@ def test_a_whole_read_is_refused_over_the_budget(clips, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ big inputs, bounded memory
-CHILD = """
+# Peak resident memory of this process alone: Linux keeps ru_maxrss across exec (a child started by a large
+# pytest process reports the parent's size), VmHWM belongs to the new address space; macOS has ru_maxrss in bytes.
+PEAK_RSS = """
+def peak_rss():
+    import resource, sys
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+"""
+
+CHILD = PEAK_RSS + """
 import json, resource, sys, time
 cap = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -147,7 +159,7 @@ try:
     out = {"shape": list(frames.shape)}
 except Exception as e:
     out = {"error": type(e).__name__, "message": str(e)}
-out.update(seconds=time.perf_counter() - t0, maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+out.update(seconds=time.perf_counter() - t0, maxrss=peak_rss())
 print(json.dumps(out))
 """
 
@@ -198,10 +210,10 @@ def test_a_13000_pixel_gif_is_refused_from_its_header(big):
 
 
 def _caption(*args, timeout=600):
-    """caption.py in a child, with its peak resident memory (ru_maxrss of that process) printed last."""
-    code = ("import resource, runpy, sys\nsys.argv = ['caption.py'] + sys.argv[1:]\ntry:\n"
-            "    runpy.run_path('caption.py', run_name='__main__')\nfinally:\n"
-            "    print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)")
+    """caption.py in a child, with its peak resident memory (that process alone) printed last."""
+    code = PEAK_RSS + ("import runpy, sys\nsys.argv = ['caption.py'] + sys.argv[1:]\ntry:\n"
+                       "    runpy.run_path('caption.py', run_name='__main__')\nfinally:\n"
+                       "    print('maxrss', peak_rss(), file=sys.stderr)")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=timeout)
