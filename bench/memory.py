@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from lance_mlx import conditioning as C
+from lance_mlx import memory_estimate as M
 from lance_mlx import sequence as Q
 from lance_mlx import understanding as U
 from lance_mlx.config import LanceConfig, ViTConfig
@@ -179,12 +180,6 @@ def vae_phase(vae, fn):
     return p.extra
 
 
-def available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
-
-
 DECODED = {}  # (pixel frames of the largest chunk, h * w latents) -> measured decode bytes
 
 
@@ -203,7 +198,7 @@ def decode_peak(vae, t, h, w):
     if not any(k[0] == chunk for k in DECODED):
         measure(16, 16)  # a small probe first, to know whether the full size fits beside other jobs
     area, extra = max((k[1], v) for k, v in DECODED.items() if k[0] == chunk)
-    if (chunk, h * w) not in DECODED and extra * h * w / area * 1.3 > available_bytes():
+    if (chunk, h * w) not in DECODED and extra * h * w / area * 1.3 > M.available_memory_bytes():
         return extra * h * w / area, True
     return measure(h, w), False
 
@@ -232,7 +227,9 @@ def main(argv=None) -> int:
     cal = llm_calibration(model, vit, vae)
     print("calibration (bytes): " + ", ".join(f"{k} {v:,.0f}" for k, v in cal.items()), file=sys.stderr, flush=True)
     # one context token of one branch, all layers: keys and values, bf16 (caches grow in slots of 256 tokens)
-    kv_tok = 2 * FULL.llm.num_key_value_heads * FULL.llm.head_dim * 2 * L
+    kv_tok = M.kv_bytes_per_token(FULL)
+    weights = M.Weights(wb["llm"], wb["vit"], wb["vae"])
+    weights4 = M.Weights(wb["llm_und4"], wb["vit"], wb["vae"])
     tok = tokenizer()
     rows = ["| case | noise / context tokens | phases above weights (GiB) | default | low-memory | low-memory, "
             "und 4-bit |", "|---|---|---|---|---|---|"]
@@ -255,9 +252,8 @@ def main(argv=None) -> int:
             enc = cal["vit_per_patch"] * n_patch
             run = cal["prefill_per_token"] * n_ctx + kv_tok * n_ctx
             phases = {"ViT": enc, "prefill + KV": run}
-            default = wb["llm"] + wb["vit"] + max(enc, run)
-            low = max(wb["llm"] + wb["vit"] + enc, wb["llm"] + run)
-            low4 = max(wb["llm_und4"] + wb["vit"] + enc, wb["llm_und4"] + run)
+            default, low, low4 = (M.understanding_peak(w, enc, run, low_memory=lm)
+                                  for w, lm in ((weights, False), (weights, True), (weights4, True)))
             n = f"{n_ctx} prompt ({n_patch} ViT patches)"
         else:
             vit_w, enc = 0, 0.0
@@ -274,11 +270,9 @@ def main(argv=None) -> int:
             step = cal["step_per_token"] * N + kv * (1 + cal["stacked_per_kv"])
             dec, scaled = decode_peak(vae, t, h, w)
             phases = {"encode": enc, "prefill": prefill, "step": step, "decode (scaled)" if scaled else "decode": dec}
-            default = wb["llm"] + vit_w + wb["vae"] + max(enc, prefill, step, dec)
-            # low-memory: the encoders sit beside the LLM only while encoding (edits); the VAE alone decodes
-            encoders = vit_w + wb["vae"] + enc if task == "edit" else 0
-            low = max(wb["llm"] + encoders, wb["llm"] + max(prefill, step), wb["vae"] + dec)
-            low4 = max(wb["llm_und4"] + encoders, wb["llm_und4"] + max(prefill, step), wb["vae"] + dec)
+            default, low, low4 = (M.generation_peak(w, enc, prefill, step, dec, low_memory=lm, vit_loaded=bool(vit_w),
+                                                    vae_encodes=task == "edit")
+                                  for w, lm in ((weights, False), (weights, True), (weights4, True)))
             n = f"{N} / {n_ctx}"
         detail = ", ".join(f"{k} {v / GB:.2f}" for k, v in phases.items() if v)
         rows.append(f"| {name} | {n} | {detail} | {default / GB:.1f} | {low / GB:.1f} | {low4 / GB:.1f} |")

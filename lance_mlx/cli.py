@@ -47,6 +47,9 @@ def add_model_args(p: argparse.ArgumentParser, default_dtype: str = "bfloat16") 
     g.add_argument("--und-bits", type=int, choices=(4, 8),
                    help="quantize the understanding expert after loading (less memory, results change a little; "
                         "docs/memory.md)")
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="run even when the estimated peak memory exceeds what is available (also "
+                        "LANCE_MLX_SKIP_MEMORY_CHECK=1; docs/memory.md)")
     g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
@@ -227,6 +230,10 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     size_known = hasattr(request, "latent_shape")  # t2i, t2v: checked before loading; the others after plan
     if role.writes and size_known:
         check_space(out, request.latent_shape)
+    if load is _load_pipeline:  # one process holds the whole model (distributed ranks each hold a share)
+        from .memory_estimate import check_before_loading
+
+        check_before_loading(args, request)
     timer = PhaseTimer(stream=sys.stderr if role.shows else io.StringIO())
     with timer.phase("load"):
         pipe = load(args, request)

@@ -9,6 +9,7 @@ from pathlib import Path
 from .cli import PhaseTimer, add_model_args, add_seed_arg, main_guard, pipeline_options
 from .config import MAX_ANSWER_TOKENS
 from .media import SOFTWARE, check_sidecar, save_metadata_json
+from .memory_estimate import check_before_loading
 from .pipeline import LancePipeline
 from .processing import PRESETS
 from .tasks import Understand
@@ -46,6 +47,7 @@ def run(args) -> int:
                          max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          source=str(media))
     sidecar = None if args.metadata_json is None else check_sidecar(args.metadata_json, force=args.force)
+    check_before_loading(args, request)
     timer = PhaseTimer()
     with timer.phase("load"):
         pipe = LancePipeline.from_pretrained(args.model, request=request, **pipeline_options(args))

@@ -62,3 +62,7 @@ class OutputTakenError(WriteError):
     def __init__(self, message: str = "", param: str = None, saved=None):
         super().__init__(message, param)
         self.saved = saved
+
+
+class InsufficientMemoryError(InvalidRequestError):
+    """A request's estimated peak memory exceeds what the machine has available (lance_mlx/memory_estimate.py)."""

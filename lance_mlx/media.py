@@ -1,4 +1,4 @@
-"""Reading videos and writing images/videos atomically (PNG with settings metadata, H.264 MP4, GIF, PNG frames)."""
+"""Writing images/videos atomically (PNG with settings metadata, H.264 MP4, GIF, PNG frames)."""
 
 from __future__ import annotations
 
@@ -418,36 +418,3 @@ def _save_png_frames(frames, path: Path, metadata, replace: bool) -> Path:
             name = f"frame_{i:05d}.png"
             _write_image(Image.fromarray(np.asarray(f, dtype=np.uint8)), tmp / name, path / name, metadata)
     return path
-
-
-def read_video(path) -> Tuple[np.ndarray, float]:
-    """Decode every frame of a video file → ((T, H, W, 3) uint8, fps). GIFs go through PIL."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"video not found: {path}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"video file is empty: {path}")
-    if path.suffix.lower() == ".gif":
-        try:
-            with Image.open(path) as im:
-                fps = 1000.0 / max(im.info.get("duration", 83), 1)
-                frames = []
-                for i in range(getattr(im, "n_frames", 1)):
-                    im.seek(i)
-                    frames.append(np.asarray(im.convert("RGB")))
-        except Exception as e:
-            raise ValueError(f"cannot read GIF {path}: {e}") from None
-        return np.stack(frames), fps
-    import imageio_ffmpeg
-
-    try:
-        reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-        meta = next(reader)
-        w, h = meta["size"]
-        frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]
-    except (RuntimeError, OSError, StopIteration) as e:
-        raise ValueError(f"cannot decode video {path}: {str(e).strip().splitlines()[-1] if str(e) else e}; "
-                         "is it a valid video file (mp4/mov/mkv/webm/gif)?") from None
-    if not frames:
-        raise ValueError(f"video {path} has no decodable frames")
-    return np.stack(frames), float(meta.get("fps") or 24.0)

@@ -36,6 +36,10 @@ DEFAULT_FPS = 24  # upstream's fallback when the container reports no average fp
 # downscaled to at most ~1 MP anyway. 64 MP = 8192 x 8192; 16384 px also bounds extreme strips.
 MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_IMAGE_SIDE = 16384
+# PIL's decompression-bomb guard set deliberately to the same bound (its default is ~89 MP): PIL warns above it
+# and refuses in `Image.open` above twice it, before allocating; `load_image` checks the header's size against
+# MAX_IMAGE_PIXELS itself before decoding, so the guard only backs up other PIL uses in this process.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ def load_image(image: Union[str, Path, Image.Image]) -> Image.Image:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(path)
         except Image.DecompressionBombError as e:
-            raise ValueError(f"{path}: image too large ({e})") from None
+            raise ValueError(_bomb_message(path, e)) from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{path}: not a readable image ({e})") from None
     check_image_size(img.size, name)
@@ -139,6 +143,16 @@ def load_image(image: Union[str, Path, Image.Image]) -> Image.Image:
         background.paste(img, mask=img.getchannel("A"))
         return background
     return img.convert("RGB")
+
+
+def _bomb_message(name, error) -> str:
+    """Our one line for PIL's refusal at open (an image over twice MAX_IMAGE_PIXELS), naming size and limit."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found[1]) / 1e6:.0f} MP" if found else f"over {2 * MAX_IMAGE_PIXELS / 2**20:.0f} MP"
+    return (f"{name}: image is {size}; the limit is {MAX_IMAGE_PIXELS / 2**20:.0f} MP and {MAX_IMAGE_SIDE} px per "
+            "side (inputs are bucketed to at most ~1 MP); downscale it first")
 
 
 def check_image_size(size: Tuple[int, int], name: str = "image") -> None:
@@ -341,16 +355,17 @@ def preprocess_video(video, preset: Union[str, Preset] = "video_480p", fps: Opti
                      vae: bool = True, vit: bool = True) -> VisualInput:
     """Video -> VAE pixels (T, H, W, 3) and/or ViT patches + grid for `preset`.
 
-    `video` is a file path (decoded with lance_mlx.media.read_video, then sampled), or decoded frames: a
+    `video` is a file path (sampled while decoded, by lance_mlx.video_input.read_video), or decoded frames: a
     (T, H, W, 3) uint8 array or a list of PIL images / arrays. Decoded frames are sampled with
     `sample_frame_indices` when `fps` is given and used as they are otherwise.
     """
     p = get_preset(preset)
     if isinstance(video, (str, Path)):
-        from .media import read_video
+        from .video_input import read_video
 
-        video, file_fps = read_video(video)
-        fps = file_fps if fps is None else fps
+        given_fps = fps  # sampled while decoding, so only the sampled frames are kept; then used as they are
+        video, _ = read_video(video, frame_indices=lambda n, file_fps: sample_frame_indices(n, given_fps or file_fps))
+        fps = None
     frames = _to_frames(video)
     if fps is not None:
         frames = [frames[i] for i in sample_frame_indices(len(frames), fps)]

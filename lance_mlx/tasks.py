@@ -212,16 +212,18 @@ def load_image_input(image, what: str = "the image", param: str = "image") -> Im
 
 
 def load_video_input(video, input_fps: Optional[float]):
-    """(frames, fps) of a video path (decoded now; sampled later like upstream) or decoded frames."""
-    from .media import read_video
+    """(frames, fps) of a video. A path is sampled now like upstream (12 fps over at most 6 s, at `input_fps` or
+    the file's rate) while it is decoded, so only the sampled frames are kept: (sampled frames, None), None meaning
+    "use as given". Decoded frames come back as they are, with `input_fps` (sampled later when it is given)."""
     from .processing import sample_frame_indices
+    from .video_input import read_video
 
     if video is None:
         raise InvalidTypeError("no video given: pass a file path or (T, H, W, 3) uint8 frames")
     try:
         if isinstance(video, (str, Path)):
-            frames, fps = read_video(video)
-            fps = fps if input_fps is None else input_fps
+            frames, _ = read_video(video, frame_indices=lambda n, fps: sample_frame_indices(n, input_fps or fps))
+            return frames, None
         elif isinstance(video, (np.ndarray, list, tuple)):
             frames, fps = video, input_fps
         else:
@@ -229,8 +231,10 @@ def load_video_input(video, input_fps: Optional[float]):
                                    f"{type(video).__name__}")
         if fps is not None:
             sample_frame_indices(len(frames), fps)  # too short a clip fails here
-    except InvalidRequestError:
-        raise
+    except InputNotFoundError as e:
+        raise InputNotFoundError(f"cannot read the input video: {e}", "video") from None
+    except InvalidRequestError as e:
+        raise InvalidRequestError(str(e), e.param or "video") from None
     except FileNotFoundError as e:
         raise InputNotFoundError(f"cannot read the input video: {e}", "video") from None
     except ValueError as e:

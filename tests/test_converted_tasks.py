@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from lance_mlx import checkpoints
-from lance_mlx.media import read_video, save_image, save_video
+from lance_mlx.media import save_image, save_video
+from lance_mlx.video_input import read_video
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -49,7 +49,6 @@ ALLOWED = {
     ("processing.py", "check_image_size", "ValueError"): (2, MAPPED + " (load_image_input)"),
     ("processing.py", "_to_frames", "ValueError"): (4, MAPPED + " (load_video_input, latent_frames)"),
     ("processing.py", "sample_frame_indices", "ValueError"): (2, MAPPED + " (load_video_input)"),
-    ("media.py", "read_video", "ValueError"): (5, MAPPED + " (load_video_input)"),
     ("media.py", "_write_image", "ValueError"): (1, "media.check_output refuses other names before any work"),
     ("media.py", "save_video", "ValueError"): (1, "media.check_output refuses other names before any work"),
     ("media.py", "_encode_h264", "ValueError"): (1, INTERNAL + " (frames come from the VAE decode)"),

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from lance_mlx import media
+from lance_mlx.video_input import read_video
 
 
 def _frames(n=9, h=32, w=48):
@@ -14,7 +15,7 @@ def _frames(n=9, h=32, w=48):
 
 def test_mp4_is_h264_and_reads_back_every_frame(tmp_path):
     out = media.save_video(iter(_frames()), tmp_path / "clip.mp4", fps=12)
-    frames, fps = media.read_video(out)
+    frames, fps = read_video(out)
     assert frames.shape == (9, 32, 48, 3) and fps == pytest.approx(12.0)
     import subprocess
 
@@ -28,7 +29,7 @@ def test_mp4_is_h264_and_reads_back_every_frame(tmp_path):
 
 def test_gif_and_png_frame_fallbacks(tmp_path):
     fr = _frames(5)
-    frames, _ = media.read_video(media.save_video(fr, tmp_path / "clip.gif", fps=10))
+    frames, _ = read_video(media.save_video(fr, tmp_path / "clip.gif", fps=10))
     assert frames.shape == (5, 32, 48, 3)
     folder = media.save_video(fr, tmp_path / "clip_frames")
     pngs = sorted(folder.iterdir())
@@ -62,9 +63,9 @@ def test_bad_inputs(tmp_path):
         media.save_image(_frames(1)[0], tmp_path / "x.unknown")
     (tmp_path / "empty.mp4").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
-        media.read_video(tmp_path / "empty.mp4")
+        read_video(tmp_path / "empty.mp4")
     (tmp_path / "junk.mp4").write_bytes(b"not a video" * 10)
     with pytest.raises(ValueError, match="cannot decode video"):
-        media.read_video(tmp_path / "junk.mp4")
+        read_video(tmp_path / "junk.mp4")
     with pytest.raises(ValueError, match="not found"):
-        media.read_video(tmp_path / "missing.mp4")
+        read_video(tmp_path / "missing.mp4")

@@ -11,7 +11,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from test_server import chat_body
 
 import server_helpers as H
-from lance_mlx.media import read_video
+from lance_mlx.video_input import read_video
 from server_helpers import error_of
 
 VIDEO = {"prompt": "waves", "size": "32x32", "num_frames": 5, "steps": 1}

@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InvalidRequestError, InvalidTypeError
-from ..media import VIDEO_SUFFIXES, read_video
-from ..processing import check_image_size
+from ..media import VIDEO_SUFFIXES
+from ..processing import check_image_size, sample_frame_indices
+from ..video_input import read_video
 
 # Content types of video data URLs and uploads -> the suffix the decoder is told.
 VIDEO_TYPES = {"video/mp4": ".mp4", "video/quicktime": ".mov", "video/x-matroska": ".mkv", "video/webm": ".webm",
@@ -93,8 +94,8 @@ def image(media: Media, param: str) -> Union[Image.Image, Path]:
     return img
 
 
-def video(media: Media, param: str, scratch: Path) -> Tuple[np.ndarray, float]:
-    """(frames (T, H, W, 3) uint8, fps) of a video input, decoded from a private scratch file."""
+def video(media: Media, param: str, scratch: Path) -> Tuple[np.ndarray, Optional[float]]:
+    """(sampled frames (T, H, W, 3) uint8, None) of a video input, decoded from a private scratch file."""
     if media.path is not None:
         return _read(media.path, param)
     if not media.data:
@@ -112,14 +113,11 @@ def video(media: Media, param: str, scratch: Path) -> Tuple[np.ndarray, float]:
         Path(name).unlink(missing_ok=True)
 
 
-def _read(path: Path, param: str) -> Tuple[np.ndarray, float]:
+def _read(path: Path, param: str) -> Tuple[np.ndarray, Optional[float]]:
+    """Frames sampled while decoding (upstream's sampler; only those are kept), with None for their fps: the request
+    uses them as they are."""
     try:
-        frames, fps = read_video(path)
+        frames, _ = read_video(path, frame_indices=sample_frame_indices)
     except ValueError as e:
         raise InvalidRequestError(f"{param}: {e}", param) from None
-    h, w = frames.shape[1:3]
-    try:
-        check_image_size((w, h), param)
-    except ValueError as e:
-        raise InvalidRequestError(str(e), param) from None
-    return frames, fps
+    return frames, None
