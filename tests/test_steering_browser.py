@@ -6,12 +6,17 @@ import pytest
 from openai_stub import ChatStub
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from test_server_browser import browser  # noqa: F401  (the fixture)
+from test_server_browser import launch_browser  # noqa: F401  (the fixture)
 
 from lance_mlx import enhance as E
 from server_helpers import start_server, stop_server
 
 REVISED = "A wide view shows a lighthouse on a cliff at dusk, waves breaking below."
+
+
+@pytest.fixture
+def browser(launch_browser):  # noqa: F811
+    return launch_browser()
 
 
 @pytest.fixture
