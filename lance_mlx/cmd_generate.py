@@ -10,6 +10,7 @@ from .cli import (
     add_model_args,
     add_output_args,
     add_posterior_args,
+    add_preview_args,
     add_sampling_args,
     add_size_args,
     main_guard,
@@ -46,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"RESOLUTION² pixels (default {VIDEO_RESOLUTION}, upstream's video_480p)")
     add_posterior_args(v, "the first frame (also seeds its pixel noise)")
     add_sampling_args(p)
+    add_preview_args(p)
     add_parallel_args(p, "prompt")
     add_model_args(p)
     return p.parse_args(argv)

@@ -183,9 +183,9 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         raise ApiError(415, f"unsupported content type {ctype!r}: send application/json or multipart/form-data",
                        code="unsupported_media_type")
 
-    def submit(parsed: Parsed) -> Job:
+    def submit(parsed: Parsed, preview: bool = False) -> Job:
         job = Job(parsed.object, parsed.request, parsed.settings, _model_name(parsed.request.checkpoint),
-                  n=parsed.n)
+                  n=parsed.n, preview=preview)
         try:
             return engine().submit(job)
         except QueueFull as e:
@@ -322,7 +322,9 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     async def queue_job(request: Request, parse) -> Dict[str, Any]:
         """Parse a job body with `parse` (off the event loop: it decodes media), queue it, answer its job object."""
         fields, files = await body(request)
-        job = submit(await run_in_threadpool(parse, fields, files, config))
+        preview = fields.boolean("preview")  # `preview` events on /v1/jobs/{id}/events (docs/steering.md)
+        fields.values.pop("preview", None)
+        job = submit(await run_in_threadpool(parse, fields, files, config), preview)
         return views.job_object(job.record(), engine().position(job))
 
     @app.post("/v1/videos")

@@ -30,6 +30,8 @@ log = logging.getLogger("lance_mlx.server")
 FULL_TASK = {"image": "image_edit", "video": "video_edit"}
 STOPPED = "the server stopped before this job could finish"
 DENOISE_SHARE = 95  # progress (percent) reached when the last denoising step is done; decoding takes the rest
+PREVIEW_INTERVAL_S = 1.0  # at most one `preview` event a second (each a small JPEG, ~10-30 kB)
+PREVIEW_MAX_SIDE = 384  # longest side of a preview event's image, in pixels
 
 
 class Cancelled(Exception):
@@ -106,6 +108,7 @@ class Job:
     answer: Optional[str] = None
     usage: Optional[Dict[str, int]] = None
     finish_reason: Optional[str] = None
+    preview: bool = False  # send `preview` events (the picture forming) while denoising
     events: EventLog = field(default_factory=EventLog)
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -362,12 +365,15 @@ class Engine:
             name = f"{job.id}-{i}.png" if image else f"{job.id}-{i}.mp4"
             path = self.config.outputs / name
             check_free_space(path, estimate_output_bytes(path, 16 * w, 16 * h, 4 * (t - 1) + 1))  # before the work
-            latents = None
+            latents, last_preview = None, -math.inf
             for step in pipe.denoise(plan):
                 done = i * steps + step.index
                 job.progress = int(DENOISE_SHARE * done / (job.n * steps))
                 job.events.emit({"type": "step", "index": i, "step": step.index, "total": step.total,
                                  "progress": job.progress})
+                if job.preview and time.monotonic() - last_preview >= PREVIEW_INTERVAL_S:
+                    last_preview = time.monotonic()
+                    job.events.emit({"type": "preview", "index": i, "step": step.index, "image": _preview_url(step)})
                 self._check_cancel(job)
                 latents = step.latents
             job.events.emit({"type": "decode", "index": i})
@@ -398,6 +404,14 @@ class Engine:
         completion = r.generated_tokens if r is not None else len(pieces)
         job.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                      "total_tokens": prompt_tokens + completion}
+
+
+def _preview_url(step) -> str:
+    """The fast preview of a step (a video's first frame) as a small JPEG data URL."""
+    from ..preview import jpeg_data_url
+
+    frames = step.preview("fast", max_side=PREVIEW_MAX_SIDE)
+    return jpeg_data_url(frames[0] if isinstance(frames, list) else frames, PREVIEW_MAX_SIDE)
 
 
 def _text_param(job: Job) -> str:
