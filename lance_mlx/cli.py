@@ -152,13 +152,14 @@ def preview_from_args(args, request, out: Path):
         return None
     if args.preview_every < 1:
         raise InvalidRequestError(f"--preview-every must be 1 or more, got {args.preview_every}")
-    video = request.checkpoint == "video"
-    path = check_preview_path(args.preview, video, force=args.force or args.preview in _PREVIEWS_WRITTEN, out=out)
-    _PREVIEWS_WRITTEN.add(args.preview)  # later items of a --prompts-file rewrite it
+    # the items of a --prompts-file (distributed.run_prompts marks them batch_item) share one preview file
+    rewrite = hasattr(args, "batch_item") and args.preview in _PREVIEWS_WRITTEN
+    path = check_preview_path(args.preview, request.checkpoint == "video", args.force or rewrite, out)
+    _PREVIEWS_WRITTEN.add(args.preview)
     return PreviewFile(path, args.preview_every, args.preview_mode, fps=getattr(request, "fps", 12.0))
 
 
-_PREVIEWS_WRITTEN: set = set()
+_PREVIEWS_WRITTEN: set = set()  # --preview paths of this process's runs
 
 
 def add_size_args(p: argparse.ArgumentParser) -> None:
