@@ -134,7 +134,8 @@ def check_preview_path(path, video: bool, force: bool = False, out=None) -> Path
 class PreviewFile:
     """Writes the preview of every `every`-th step (and of the last) to `path`, atomically (media.py), so the
     file is a whole image after every write: for a .gif the prediction's frames (a video: one per latent frame,
-    at `fps` / 4), else its first frame. `vae()` gives the VAE for full previews."""
+    at `fps` / 4), else the image, or a video's middle preview frame (image-to-video's first frame is the given
+    image). `vae()` gives the VAE for full previews."""
 
     def __init__(self, path, every: int = 1, mode: str = "fast", vae=None, fps: float = 12.0):
         self.path, self.every, self.mode = Path(path), every, check_mode(mode)
@@ -149,5 +150,5 @@ class PreviewFile:
         if self.path.suffix.lower() == ".gif":
             save_video([np.asarray(f) for f in frames], self.path, fps=self.fps / TEMPORAL_STRIDE, metadata=meta)
         else:
-            save_image(frames[0], self.path, meta)
+            save_image(frames[len(frames) // 2], self.path, meta)
         self.writes += 1

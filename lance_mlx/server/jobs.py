@@ -407,11 +407,12 @@ class Engine:
 
 
 def _preview_url(step) -> str:
-    """The fast preview of a step (a video's first frame) as a small JPEG data URL."""
+    """The fast preview of a step as a small JPEG data URL; of a video its middle frame (image-to-video's first
+    frame is the given image, which does not change)."""
     from ..preview import jpeg_data_url
 
     frames = step.preview("fast", max_side=PREVIEW_MAX_SIDE)
-    return jpeg_data_url(frames[0] if isinstance(frames, list) else frames, PREVIEW_MAX_SIDE)
+    return jpeg_data_url(frames[len(frames) // 2] if isinstance(frames, list) else frames, PREVIEW_MAX_SIDE)
 
 
 def _text_param(job: Job) -> str:
