@@ -85,7 +85,7 @@ def main(argv=None):
     print("\n| the preview alone | median ms | share of the median step (off) |")
     print("|---|---|---|")
     for name, sec in alone.items():
-        print(f"| {name} | {1e3 * sec:.2f} | {100 * sec / off['wall_med']:.2f} % |")
+        print(f"| {name} | {1e3 * sec:.2f} | {100 * sec / off['wall_med']:.2g} % |")
     print(f"\n- machine at end: {load_line()}; peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
     for f in folder.iterdir():
         f.unlink()
