@@ -137,6 +137,37 @@ def sidecar_from_args(args) -> Optional[Path]:
     return check_sidecar(path, force=args.force)
 
 
+def add_preview_args(p: argparse.ArgumentParser) -> None:
+    """Live previews of the picture forming (docs/steering.md)."""
+    g = p.add_argument_group("preview")
+    g.add_argument("--preview", type=Path, metavar="PATH",
+                   help="rewrite PATH (atomically) with the picture forming as the steps go: an image, or for a "
+                        "video also a .gif of its frames")
+    g.add_argument("--preview-every", type=int, default=1, metavar="N",
+                   help="write the preview every N steps and after the last (default 1)")
+    g.add_argument("--preview-mode", choices=("fast", "full"), default="fast",
+                   help="fast: a linear latent-to-RGB map, well under 1%% of a step (default); full: the VAE decode "
+                        "of the predicted image (a video's first frame)")
+
+
+def preview_from_args(args, request, out: Path):
+    """The checked `--preview` writer of a run, or None when not asked for."""
+    from .preview import PreviewFile, check_preview_path
+
+    if getattr(args, "preview", None) is None:
+        return None
+    if args.preview_every < 1:
+        raise InvalidRequestError(f"--preview-every must be 1 or more, got {args.preview_every}")
+    # the items of a --prompts-file (distributed.run_prompts marks them batch_item) share one preview file
+    rewrite = hasattr(args, "batch_item") and args.preview in _PREVIEWS_WRITTEN
+    path = check_preview_path(args.preview, request.checkpoint == "video", args.force or rewrite, out)
+    _PREVIEWS_WRITTEN.add(args.preview)
+    return PreviewFile(path, args.preview_every, args.preview_mode, fps=getattr(request, "fps", 12.0))
+
+
+_PREVIEWS_WRITTEN: set = set()  # --preview paths of this process's runs
+
+
 def add_size_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("size")
     g.add_argument("--width", type=int, help="output width in pixels (multiple of 16; docs/generation.md: sizes)")
@@ -182,8 +213,9 @@ class PhaseTimer:
         print(f"[total] {total:.2f} s, peak memory {peak:.2f} GB", file=self.stream)
 
 
-def run_steps(steps, desc: str = "denoising", show: bool = True):
-    """Drain a step generator (with a tqdm bar on stderr when `show`); returns the last step's latents."""
+def run_steps(steps, desc: str = "denoising", show: bool = True, on_step: Optional[Callable] = None):
+    """Drain a step generator (with a tqdm bar on stderr when `show`, `on_step(step)` after each step, e.g. a
+    preview); returns the last step's latents."""
     from tqdm import tqdm
 
     latents = None
@@ -193,6 +225,8 @@ def run_steps(steps, desc: str = "denoising", show: bool = True):
             bar = tqdm(total=step.total, desc=desc, unit="step", file=sys.stderr)
         if bar is not None:
             bar.update(1)
+        if on_step is not None:
+            on_step(step)
         latents = step.latents
     if bar is not None:
         bar.close()
@@ -227,6 +261,7 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     from .media import SOFTWARE
 
     sidecar = sidecar_from_args(args) if role.writes else None
+    preview = preview_from_args(args, request, out) if role.writes else None
     size_known = hasattr(request, "latent_shape")  # t2i, t2v: checked before loading; the others after plan
     if role.writes and size_known:
         check_space(out, request.latent_shape)
@@ -245,8 +280,10 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     if role.writes and not size_known:
         check_space(out, plan.latent_shape)
     steps = pipe.denoise(plan) if denoise is None else denoise(pipe, plan)
+    if preview is not None:
+        preview.vae = lambda: pipe.component("vae")
     with timer.phase(f"denoise {request.sampling.steps} steps"):
-        latents = run_steps(steps, show=role.shows)
+        latents = run_steps(steps, show=role.shows, on_step=preview)
     if not role.writes:
         return
     t, h, w = plan.latent_shape

@@ -10,6 +10,7 @@ from .cli import (
     add_model_args,
     add_output_args,
     add_posterior_args,
+    add_preview_args,
     add_sampling_args,
     main_guard,
     posterior_from_args,
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_sampling_args(p, image_guidance=True)
     g = p.add_argument_group("edit conditioning")
     add_posterior_args(g, "the source")
+    add_preview_args(p)
     add_parallel_args(p, "instruction")
     add_model_args(p)
     return p.parse_args(argv)

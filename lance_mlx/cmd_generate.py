@@ -11,6 +11,7 @@ from .cli import (
     add_model_args,
     add_output_args,
     add_posterior_args,
+    add_preview_args,
     add_sampling_args,
     add_size_args,
     main_guard,
@@ -49,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_posterior_args(v, "the first frame (also seeds its pixel noise)")
     add_sampling_args(p)
     add_enhance_args(p)
+    add_preview_args(p)
     add_parallel_args(p, "prompt")
     add_model_args(p)
     return p.parse_args(argv)

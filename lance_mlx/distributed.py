@@ -226,7 +226,7 @@ def denoise(model: Lance, seq: Sequence, params: SamplingParams, frozen: Optiona
     start = np.array(x0, dtype=np.float64)
     try:
         exchange.agree(np.array(gen.fingerprint + [start.sum(), np.square(start).sum()]), "request and start latents")
-        yield from S.denoise(gen.velocity, x0, params, frozen)
+        yield from S.denoise(gen.velocity, x0, params, frozen, grid=shape)
     except RuntimeError as e:  # a collective failed: MLX's ring backend raises when a peer's connection drops
         if exchange.size == 1:
             raise

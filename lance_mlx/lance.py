@@ -343,7 +343,7 @@ class Lance(nn.Module):
         def velocity(x, tt, text_scale, image_scale):
             return self.velocity(ctx, x, tt, text_scale, image_scale, params.renorm_min, batched=batched)
 
-        yield from S.denoise(velocity, x0, params, frozen)
+        yield from S.denoise(velocity, x0, params, frozen, grid=shape)
 
     def generate(self, seq: Sequence, params: SamplingParams = DEFAULT_SAMPLING,
                  frozen: Optional[np.ndarray] = None, progress=None) -> mx.array:

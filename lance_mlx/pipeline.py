@@ -63,7 +63,7 @@ class LancePipeline:
     Build it with `from_pretrained` (any folder layout or hub id, docs/checkpoints.md). `run(request)` takes a
     request of `lance_mlx.tasks`; `generate_image`, `generate_video`, `edit_image`, `edit_video` and `understand`
     build the request for you. Lower-level steps for progress, preview or cancellation: `plan(request)`,
-    `denoise(plan)` (yields `sampler.Step`s), `decode(latents)` / `save(latents, path, ...)`.
+    `denoise(plan)` (yields `sampler.Step`s), `preview(step)`, `decode(latents)` / `save(latents, path, ...)`.
 
     With `low_memory`, each phase holds only the components it needs (docs/memory.md): the ViT and VAE are loaded
     to encode and released before denoising, the LLM is released before decoding and the VAE loaded only then;
@@ -189,6 +189,10 @@ class LancePipeline:
     def denoise(self, plan: GenerationPlan) -> Iterator[Step]:
         """The sampling loop of a plan: a `sampler.Step` after each denoising step (stop early by not asking)."""
         return self.component("model").denoise(plan.sequence, plan.params, plan.frozen)
+
+    def preview(self, step: Step, mode: str = "fast", max_side: Optional[int] = None):
+        """`Step.preview` with this pipeline's VAE for mode "full" (loaded now if it was released: low_memory)."""
+        return step.preview(mode, self.component("vae") if mode == "full" else None, max_side)
 
     def latents(self, request: GenerationRequest, progress: Optional[ProgressFn] = None) -> mx.array:
         """The sampled latents (1, t, h, w, 48) float32 of a generation request."""

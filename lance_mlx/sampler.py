@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -111,12 +111,29 @@ def guidance_scales(t: float, params: SamplingParams) -> Tuple[float, float]:
 @dataclass
 class Step:
     """What the loop yields after each step: `index` steps of `total` are done, `t` is the time this step started
-    from, `latents` (N, 48) float32 the evaluated state after it."""
+    from, `latents` (N, 48) float32 the evaluated state after it. `grid` is the (T, h, w) latent grid of the N
+    tokens; `x_t`, `v` and `t_at` (scalar or per token) the state, velocity and time the step started from, kept so
+    that `prediction()` and `preview()` cost nothing unless called."""
 
     index: int
     total: int
     t: float
     latents: mx.array
+    grid: Optional[Tuple[int, int, int]] = None
+    x_t: Optional[mx.array] = field(default=None, repr=False)
+    v: Optional[mx.array] = field(default=None, repr=False)
+    t_at: Union[float, mx.array, None] = field(default=None, repr=False)
+
+    def prediction(self) -> mx.array:
+        """The data prediction x0 = x_t - t * v (N, 48) of this step (docs/solvers.md); frozen tokens have t = 0."""
+        t = self.t_at if isinstance(self.t_at, float) else self.t_at[:, None]
+        return self.x_t - t * self.v
+
+    def preview(self, mode: str = "fast", vae=None, max_side: Optional[int] = None):
+        """The picture forming at this step: a PIL image, or a list of them for a video (`preview.preview`)."""
+        from .preview import preview
+
+        return preview(self, mode, vae, max_side)
 
 
 # velocity(x (N, 48), t (scalar or (N,) per token), cfg_text, cfg_image) -> Velocity
@@ -124,7 +141,7 @@ VelocityFn = Callable[[mx.array, object, float, float], Velocity]
 
 
 def denoise(velocity: VelocityFn, x0: mx.array, params: SamplingParams,
-            frozen: Optional[np.ndarray] = None) -> Iterator[Step]:
+            frozen: Optional[np.ndarray] = None, grid: Optional[Tuple[int, int, int]] = None) -> Iterator[Step]:
     """The denoising loop of every generation task: `params.sampler` steps from `x0` (N, 48) over the shifted
     schedule (Euler, upstream's; or a multistep solver of `solvers.py`, one model call per step all the same).
 
@@ -132,7 +149,8 @@ def denoise(velocity: VelocityFn, x0: mx.array, params: SamplingParams,
     (a multistep solver's history runs on across the interval's edge, as in diffusers; docs/solvers.md). `frozen`
     (N,) marks tokens that stay as given, at t = 0, and are never updated (image-to-video's first latent frame);
     renorm norms still cover every token, as upstream. Yields a `Step` after each step (latents evaluated), so
-    callers can show progress, preview, cancel or stop early by not asking for the next one.
+    callers can show progress, preview, cancel or stop early by not asking for the next one; `grid` (T, h, w) of
+    the tokens is passed on to the steps for their previews.
     """
     ts, dts = timesteps(params.steps, params.shift)
     solver = make_solver(params.sampler, ts, dts)
@@ -143,6 +161,6 @@ def denoise(velocity: VelocityFn, x0: mx.array, params: SamplingParams,
         tt = t if fz is None else mx.where(fz, 0.0, t)
         v = velocity(x, tt, text_scale, image_scale).v
         x_new = solver.step(i, x, v)
-        x = x_new if fz is None else mx.where(fz[:, None], x, x_new)
-        mx.eval(x, solver.state)
-        yield Step(i + 1, params.steps, t, x)
+        x_t, x = x, (x_new if fz is None else mx.where(fz[:, None], x, x_new))
+        mx.eval(x, v, solver.state)  # v is part of x's graph: evaluating it too costs nothing and keeps it for previews
+        yield Step(i + 1, params.steps, t, x, grid, x_t, v, tt)

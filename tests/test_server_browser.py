@@ -69,6 +69,15 @@ const log = (records) => records.forEach((r) => r.addedNodes.forEach((n) => wind
 new MutationObserver(log).observe(document.getElementById('status'), {childList: true});
 """
 
+# Records, in order, each new picture of the preview element and each result added (the page previews every job).
+WATCH_PREVIEW = """
+window.shown = [];
+new MutationObserver((rs) => rs.forEach((r) => { if (r.target.src) window.shown.push('preview'); }))
+  .observe(document.getElementById('preview'), {attributes: true, attributeFilter: ['src']});
+new MutationObserver((rs) => rs.forEach((r) => r.addedNodes.forEach(() => window.shown.push('result'))))
+  .observe(document.getElementById('result'), {childList: true, subtree: true});
+"""
+
 
 def test_page_generates_an_image_and_keeps_it_in_history(upstream_root, tmp_path, launch_browser):
     browser = launch_browser()
@@ -86,8 +95,11 @@ def test_page_generates_an_image_and_keeps_it_in_history(upstream_root, tmp_path
             el.clear()
             el.send_keys(str(value))
         browser.execute_script(WATCH_STATUS)
+        browser.execute_script(WATCH_PREVIEW)
         browser.find_element(By.ID, "generate").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result img.output"))
+        shown = browser.execute_script("return window.shown")
+        assert "preview" in shown and shown.index("preview") < shown.index("result"), shown
         img = browser.find_element(By.CSS_SELECTOR, "#result img.output")
         wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img))
         assert browser.execute_script("return arguments[0].naturalWidth", img) == 32
@@ -95,6 +107,7 @@ def test_page_generates_an_image_and_keeps_it_in_history(upstream_root, tmp_path
         assert any(s.startswith("Step 2 / 2") for s in log), log
         assert browser.find_element(By.ID, "status").text == "Done."
         assert browser.execute_script("return document.getElementById('progress').value") == 100
+        wait.until(lambda d: not d.find_element(By.ID, "preview").is_displayed())  # the result replaces it
 
         steps = browser.find_element(By.ID, "steps")  # a long run, cancelled from the page mid-way
         steps.clear()

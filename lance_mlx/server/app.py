@@ -166,9 +166,9 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         raise ApiError(415, f"unsupported content type {ctype!r}: send application/json or multipart/form-data",
                        code="unsupported_media_type")
 
-    def _submit(parsed: Parsed) -> Job:
+    def _submit(parsed: Parsed, preview: bool = False) -> Job:
         job = Job(parsed.object, parsed.request, parsed.settings, _model_name(parsed.request.checkpoint),
-                  n=parsed.n, texts=parsed.texts, stop=parsed.stop)
+                  n=parsed.n, texts=parsed.texts, stop=parsed.stop, preview=preview)
         engine().check_text(job)
         try:
             return engine().submit(job)
@@ -180,9 +180,9 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             raise ApiError(status, f"this server cannot take jobs now: {e.reason['message']}", "server_error",
                            code=e.reason["code"]) from None
 
-    async def submit(parsed: Parsed) -> Job:
+    async def submit(parsed: Parsed, preview: bool = False) -> Job:
         """Count the text's tokens and queue the job, off the event loop (a long text takes seconds to count)."""
-        return await run_in_threadpool(_submit, parsed)
+        return await run_in_threadpool(_submit, parsed, preview)
 
     async def finished(job: Job, request: Optional[Request] = None) -> Job:
         """Wait for the job's end; with `request`, cancel the job if its client goes away first (a closed curl or
@@ -319,7 +319,9 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     async def queue_job(request: Request, parse) -> Dict[str, Any]:
         """Parse a job body with `parse` (off the event loop: it decodes media), queue it, answer its job object."""
         fields, files = await body(request, form=True)
-        job = await submit(await run_in_threadpool(parse, fields, files, config))
+        preview = fields.boolean("preview")  # `preview` events on /v1/jobs/{id}/events (docs/steering.md)
+        fields.values.pop("preview", None)
+        job = await submit(await run_in_threadpool(parse, fields, files, config), preview)
         return job_object(job.record(), engine().position(job))
 
     @app.post("/v1/videos")

@@ -78,6 +78,7 @@ class Job:
     answer: Optional[str] = None
     usage: Optional[Dict[str, int]] = None
     finish_reason: Optional[str] = None
+    preview: bool = False  # send `preview` events (the picture forming) while denoising
     events: EventLog = field(default_factory=EventLog)
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)

@@ -34,6 +34,8 @@ DENOISE_SHARE = 95  # progress (percent) reached when the last denoising step is
 OUTPUT_FORMATS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}  # an image job's output_format -> its file
 MAX_UNSAVED = 1000  # finished jobs kept in memory while the history cannot be written
 MIN_FREE_BYTES = 8 * 2**20  # a degraded server takes jobs again once its output disk has this much free
+PREVIEW_INTERVAL_S = 1.0  # at most one `preview` event a second (each a small JPEG, ~10-30 kB)
+PREVIEW_MAX_SIDE = 384  # longest side of a preview event's image, in pixels
 
 
 class Cancelled(Exception):
@@ -387,12 +389,15 @@ class Engine:
             name = f"{job.id}-{i}{suffix}"
             path = self.config.outputs / name
             check_free_space(path, estimate_output_bytes(path, 16 * w, 16 * h, 4 * (t - 1) + 1))  # before the work
-            latents = None
+            latents, last_preview = None, -math.inf
             for step in pipe.denoise(plan):
                 done = i * steps + step.index
                 job.progress = int(DENOISE_SHARE * done / (job.n * steps))
                 job.events.emit({"type": "step", "index": i, "step": step.index, "total": step.total,
                                  "progress": job.progress})
+                if job.preview and time.monotonic() - last_preview >= PREVIEW_INTERVAL_S:
+                    last_preview = time.monotonic()
+                    job.events.emit({"type": "preview", "index": i, "step": step.index, "image": _preview_url(step)})
                 self._check_cancel(job)
                 latents = step.latents
             job.events.emit({"type": "decode", "index": i})
@@ -482,6 +487,15 @@ def _out_of_space(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _preview_url(step) -> str:
+    """The fast preview of a step as a small JPEG data URL; of a video its middle frame (image-to-video's first
+    frame is the given image, which does not change)."""
+    from ..preview import jpeg_data_url
+
+    frames = step.preview("fast", max_side=PREVIEW_MAX_SIDE)
+    return jpeg_data_url(frames[len(frames) // 2] if isinstance(frames, list) else frames, PREVIEW_MAX_SIDE)
 
 
 def _text_param(job: Job) -> str:

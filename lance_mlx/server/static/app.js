@@ -112,6 +112,7 @@ function formBody() {
   if (visible("enhance_prompt") && $("enhance_prompt").checked) fd.append("enhance_prompt", "true");
   const file = $("file").files[0];
   if (file) fd.append({ i2v: "input_reference", image_edit: "image", video_edit: "video" }[task], file);
+  fd.append("preview", "true");
   return fd;
 }
 
@@ -119,6 +120,14 @@ function formBody() {
 function setStatus(text, progress) {
   $("status").textContent = text;
   if (progress !== undefined) $("progress").value = progress;
+}
+
+// The picture forming (the job's `preview` events) shown in place of the progress bar until the job ends.
+function showPreview(url) {
+  $("preview").hidden = !url;
+  $("progress").hidden = !!url;
+  if (url) $("preview").src = url;
+  else $("preview").removeAttribute("src");
 }
 
 function busy(on) {
@@ -136,6 +145,7 @@ async function generate(ev) {
   } catch (e) {
     setStatus("Error: " + e.message);
   } finally {
+    if (!$("result").children.length) showPreview(null);
     busy(false);
     state.job = null;
     state.abort = null;
@@ -151,6 +161,7 @@ async function runJob() {
   setStatus("Queued (position " + (job.queue_position || 1) + ")", 0);
   const events = await api("/v1/jobs/" + job.id + "/events");
   let last = null;
+  showPreview(null);
   await readSSE(events, (data) => {
     const e = JSON.parse(data);
     if (e.type === "queued") setStatus("Queued (position " + e.position + ")");
@@ -159,6 +170,7 @@ async function runJob() {
     else if (e.type === "enhanced") showRevised(e.revised_prompt, $("result"));
     else if (e.type === "prepare") setStatus("Encoding inputs…");
     else if (e.type === "step") setStatus("Step " + e.step + " / " + e.total, e.progress);
+    else if (e.type === "preview") showPreview(e.image);
     else if (e.type === "decode") setStatus("Decoding…");
     else if (e.type === "done") last = e;
   });
@@ -170,6 +182,7 @@ async function runJob() {
   }
   setStatus("Done.", 100);
   await showOutputs(last.job, $("result"));
+  showPreview(null); // the final result replaces the forming picture
 }
 
 async function ask() {
