@@ -162,7 +162,8 @@ def preview_from_args(args, request, out: Path):
     rewrite = hasattr(args, "batch_item") and args.preview in _PREVIEWS_WRITTEN
     path = check_preview_path(args.preview, request.checkpoint == "video", args.force or rewrite, out)
     _PREVIEWS_WRITTEN.add(args.preview)
-    return PreviewFile(path, args.preview_every, args.preview_mode, fps=getattr(request, "fps", 12.0))
+    return PreviewFile(path, args.preview_every, args.preview_mode, fps=getattr(request, "fps", 12.0),
+                       replace=args.force or rewrite)
 
 
 _PREVIEWS_WRITTEN: set = set()  # --preview paths of this process's runs

@@ -136,11 +136,12 @@ class PreviewFile:
     """Writes the preview of every `every`-th step (and of the last) to `path`, atomically (media.py), so the
     file is a whole image after every write: for a .gif the prediction's frames (a video: one per latent frame,
     at `fps` / 4), else the image, or a video's middle preview frame (image-to-video's first frame is the given
-    image). `vae()` gives the VAE for full previews."""
+    image). `vae()` gives the VAE for full previews. An earlier preview at `path` is replaced only with `replace`
+    (the user's --force); after its first write the file is this run's own and each write replaces it."""
 
-    def __init__(self, path, every: int = 1, mode: str = "fast", vae=None, fps: float = 12.0):
+    def __init__(self, path, every: int = 1, mode: str = "fast", vae=None, fps: float = 12.0, replace: bool = False):
         self.path, self.every, self.mode = Path(path), every, check_mode(mode)
-        self.vae, self.fps = vae, fps
+        self.vae, self.fps, self.replace = vae, fps, replace
         self.writes = 0
 
     def __call__(self, step) -> None:
@@ -148,8 +149,10 @@ class PreviewFile:
             return
         frames = preview_frames(step, self.mode, self.vae() if self.mode == "full" else None)
         meta = {"software": SOFTWARE, "preview": f"step {step.index} of {step.total}", "preview_mode": self.mode}
+        replace = self.replace or self.writes > 0
         if self.path.suffix.lower() == ".gif":
-            save_video([np.asarray(f) for f in frames], self.path, fps=self.fps / TEMPORAL_STRIDE, metadata=meta)
+            save_video([np.asarray(f) for f in frames], self.path, fps=self.fps / TEMPORAL_STRIDE, metadata=meta,
+                       replace=replace)
         else:
-            save_image(frames[len(frames) // 2], self.path, meta)
+            save_image(frames[len(frames) // 2], self.path, meta, replace=replace)
         self.writes += 1

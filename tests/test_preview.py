@@ -142,8 +142,8 @@ def checked_writes(monkeypatch):
             im.load()
             writes.append((path, im.format, im.size, getattr(im, "n_frames", 1)))
 
-    def save_image(img, path, metadata=None):
-        real_image(img, path, metadata)
+    def save_image(img, path, metadata=None, **kw):
+        real_image(img, path, metadata, **kw)
         check(path)
 
     def save_video(frames, path, **kw):

@@ -90,8 +90,10 @@ def test_preview_events_are_small_and_rate_limited(tmp_path):
                 yield sampler.Step(i + 1, 8, 0.5, mx.zeros((4, 48)), (1, 2, 2), mx.zeros((4, 48)),
                                    mx.zeros((4, 48)), 0.5)
 
-        def save(self, *a, **k):
+        def decode(self, *a, **k):
             raise Decoding  # the decode is not what this test is about
+
+        iter_frames = decode
 
     from lance_mlx.config import SamplingParams
     from lance_mlx.tasks import TextToImage
