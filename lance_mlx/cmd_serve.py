@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .checkpoints import UPSTREAM_REPO
-from .cli import add_dtype_args
+from .cli import add_dtype_args, add_lora_arg
 from .server.settings import MAX_BODY_MB, MAX_IMAGES, MAX_PIXELS, MAX_QUEUE, MAX_STEPS
 from .tasks import MAX_FRAMES
 
@@ -22,6 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder with the video checkpoint when --model holds only the image one (e.g. two "
                         "convert.py folders)")
     add_dtype_args(m)
+    add_lora_arg(m)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network, "
@@ -56,8 +57,16 @@ def build_config(args):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.port <= 65535:
         raise SystemExit(f"error: --port must be in [0, 65535], got {args.port}")
+    if args.lora:
+        from .errors import LanceError
+        from .lora import check_lora_args
+
+        try:
+            check_lora_args(args.lora)
+        except LanceError as e:
+            raise SystemExit(f"error: {e}") from None
     return ServerConfig(model=args.model, video_model=args.video_model, output_dir=args.output_dir, dtype=args.dtype,
-                        compute_dtype=args.compute_dtype,
+                        compute_dtype=args.compute_dtype, loras=tuple(args.lora),
                         api_key=args.api_key, max_queue=args.max_queue, allow_local_files=args.allow_local_files,
                         max_body_bytes=args.max_body_mb * 2**20, max_steps=args.max_steps,
                         max_pixels=args.max_pixels, max_frames=args.max_frames, max_images=args.max_images)

@@ -42,6 +42,7 @@ class LoRAAdapter(nn.Module):
         self.lora_b = mx.zeros((out_dims, r))
         self.scale = mx.array(1.0)  # the user's scale; an array, so compiled forwards see changes
         self.r, self.alpha = int(r), float(alpha)
+        self.tag = 0  # which loaded adapter this is (load order), for set_adapter_scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def delta(self, x: mx.array) -> mx.array:
@@ -202,20 +203,9 @@ def load_adapter(model: nn.Module, path, scale: float = 1.0) -> Dict[str, LoRAAd
     """Attach the adapter at `path` (PEFT format) to `model` without touching its weights; returns path -> factors."""
     weights_file, _ = resolve_adapter(path)
     info = read_adapter_config(path)
-    tensors = mx.load(str(weights_file))
-    pairs: Dict[str, Dict[str, mx.array]] = {}
-    for k, v in tensors.items():
-        name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
-        for part, tag in ((".lora_A.weight", "a"), (".lora_B.weight", "b")):
-            if name.endswith(part):
-                pairs.setdefault(name[: -len(part)], {})[tag] = v
-                break
-        else:
-            raise WeightsError(f"{weights_file}: unexpected tensor {k!r} (expected *.lora_A.weight / *.lora_B.weight)")
-    incomplete = [p for p, ab in pairs.items() if len(ab) != 2]
-    if incomplete or not pairs:
-        raise WeightsError(f"{weights_file}: no complete lora_A/lora_B pairs ({', '.join(incomplete[:3])})")
+    pairs = _read_pairs(path)
     layers = wrap(model, sorted(pairs))
+    tag = 1 + max((a.tag for layer in lora_layers(model).values() for a in layer.adapters), default=-1)
     out = {}
     for p, ab in sorted(pairs.items()):
         in_dims, out_dims = layers[p].dims
@@ -225,6 +215,7 @@ def load_adapter(model: nn.Module, path, scale: float = 1.0) -> Dict[str, LoRAAd
                                f"({info.r}, {in_dims}) / ({out_dims}, {info.r}); the adapter is for another model")
         ad = LoRAAdapter(in_dims, out_dims, info.r, info.alpha)
         ad.lora_a, ad.lora_b, ad.scale = a, b, mx.array(float(scale))
+        ad.tag = tag
         ad.freeze()
         layers[p].adapters.append(ad)
         out[p] = ad
@@ -235,6 +226,22 @@ def load_adapter(model: nn.Module, path, scale: float = 1.0) -> Dict[str, LoRAAd
 def set_scale(adapters: Dict[str, LoRAAdapter], scale: float) -> None:
     for a in adapters.values():
         a.scale = mx.array(float(scale))
+
+
+def set_adapter_scale(model: nn.Module, index: int, scale: float) -> None:
+    """Set the scale of the `index`-th adapter loaded on `model` (load order)."""
+    found = [a for layer in lora_layers(model).values() for a in layer.adapters if a.tag == index]
+    if not found:
+        raise InvalidRequestError(f"no LoRA adapter number {index} is loaded", param="lora")
+    for a in found:
+        a.scale = mx.array(float(scale))
+
+
+def apply_all(model: nn.Module, specs: Sequence[Tuple[str, float]]) -> nn.Module:
+    """Load every (path, scale) adapter onto `model`, in order; returns the model."""
+    for path, scale in specs:
+        load_adapter(model, path, scale)
+    return model
 
 
 def adapter_tensors(adapters: Dict[str, LoRAAdapter]) -> Dict[str, mx.array]:
@@ -297,3 +304,32 @@ def fuse(model: nn.Module, dequantize: bool = False) -> int:
     if fused:
         model.update_modules(_tree(fused))
     return len(fused)
+
+
+def weight_deltas(specs: Sequence[Tuple[str, float]]) -> Dict[str, mx.array]:
+    """Module path -> float32 weight update sum(scale * alpha / r * B A) of the (path, scale) adapters, for fusing
+    into a checkpoint as it is written (convert.py --fuse-lora)."""
+    out: Dict[str, mx.array] = {}
+    for path, scale in specs:
+        info = read_adapter_config(path)
+        for p, a in _read_pairs(path).items():
+            d = (a["b"].astype(mx.float32) @ a["a"].astype(mx.float32)) * (float(scale) * info.alpha / info.r)
+            out[p] = out[p] + d if p in out else d
+    return out
+
+
+def _read_pairs(path) -> Dict[str, Dict[str, mx.array]]:
+    weights_file, _ = resolve_adapter(path)
+    pairs: Dict[str, Dict[str, mx.array]] = {}
+    for k, v in mx.load(str(weights_file)).items():
+        name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+        for part, tag in ((".lora_A.weight", "a"), (".lora_B.weight", "b")):
+            if name.endswith(part):
+                pairs.setdefault(name[: -len(part)], {})[tag] = v
+                break
+        else:
+            raise WeightsError(f"{weights_file}: unexpected tensor {k!r} (expected *.lora_A.weight / *.lora_B.weight)")
+    incomplete = [p for p, ab in pairs.items() if len(ab) != 2]
+    if incomplete or not pairs:
+        raise WeightsError(f"{weights_file}: no complete lora_A/lora_B pairs ({', '.join(incomplete[:3])})")
+    return pairs

@@ -28,6 +28,7 @@ class ServerConfig:
     output_dir: Path = Path("lance-outputs")
     dtype: str = "bfloat16"
     compute_dtype: Optional[str] = None  # the LLM's activations (None: dtype)
+    loras: tuple = ()  # "PATH[:SCALE]" LoRA adapters applied to every checkpoint loaded (docs/training.md)
     api_key: Optional[str] = None
     max_queue: int = MAX_QUEUE
     allow_local_files: bool = False
