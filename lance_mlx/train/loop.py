@@ -20,6 +20,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .. import lora as L
+from ..errors import InvalidRequestError
 from . import data as D
 from . import objective as O
 
@@ -113,7 +114,9 @@ class Trainer:
         self.model.freeze()
         paths = L.match_targets(self.model, settings.targets)
         if not paths:
-            raise ValueError(f"no linear layer matches the LoRA targets {settings.targets}")
+            raise InvalidRequestError(f"no linear layer matches the LoRA targets {settings.targets}; patterns are "
+                                      f"globs over paths like language_model.model.layers.0.mlp_moe_gen.up_proj",
+                                      param="targets")
         factors = L.add_adapter(self.model, paths, settings.rank, settings.alpha, settings.dropout, seed=settings.seed)
         for a in factors:
             a.freeze(keys=["scale"], recurse=False)
