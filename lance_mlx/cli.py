@@ -58,9 +58,12 @@ def add_lora_arg(g) -> None:
 
 
 def pipeline_options(args) -> dict:
-    """The `LancePipeline.from_pretrained` keywords of the model flags."""
+    """The `LancePipeline.from_pretrained` keywords of the model flags (the --lora files checked here, before any
+    weights load)."""
+    from .lora import check_lora_args
+
     return {"dtype": args.dtype, "compute_dtype": args.compute_dtype, "low_memory": args.low_memory,
-            "und_bits": args.und_bits, "loras": list(getattr(args, "lora", None) or ())}
+            "und_bits": args.und_bits, "loras": check_lora_args(getattr(args, "lora", None) or ())}
 
 
 def add_seed_arg(g, default: int = D.seed) -> None:

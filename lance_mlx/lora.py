@@ -131,13 +131,15 @@ def _tree(flat: Sequence[Tuple[str, Any]]) -> Dict[str, Any]:
 
 def add_adapter(model: nn.Module, paths: Sequence[str], r: int, alpha: float, dropout: float = 0.0,
                 seed: int = 0) -> List[LoRAAdapter]:
-    """A new trainable adapter (random A, zero B) on the layers at `paths`; returns its per-layer factors."""
+    """A new trainable adapter (random A, zero B; its scale frozen) on the layers at `paths`; returns its per-layer
+    factors in path order."""
     layers = sorted(wrap(model, paths).items())
     keys = mx.random.split(mx.random.key(int(seed)), max(len(layers), 1))
     out = []
     for i, (path, layer) in enumerate(layers):
         in_dims, out_dims = layer.dims
         a = LoRAAdapter(in_dims, out_dims, r, alpha, dropout, key=keys[i])
+        a.freeze(keys=["scale"], recurse=False)  # the factors train, the user's scale does not
         layer.adapters.append(a)
         out.append(a)
     return out

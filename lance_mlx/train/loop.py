@@ -118,8 +118,6 @@ class Trainer:
                                       f"globs over paths like language_model.model.layers.0.mlp_moe_gen.up_proj",
                                       param="targets")
         factors = L.add_adapter(self.model, paths, settings.rank, settings.alpha, settings.dropout, seed=settings.seed)
-        for a in factors:
-            a.freeze(keys=["scale"], recurse=False)
         self.adapters = dict(zip(paths, factors))
         self.optimizer = optim.AdamW(learning_rate=learning_rate(settings), betas=[settings.beta1, settings.beta2],
                                      eps=settings.eps, weight_decay=0.0)
