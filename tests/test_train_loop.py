@@ -126,7 +126,8 @@ def _run_cli(argv):
     return e.value.code
 
 
-@pytest.mark.parametrize("problem", ["no-data", "no-caption", "empty-caption", "out-not-empty", "resolution",
+@pytest.mark.parametrize("problem", ["no-data", "no-caption", "empty-caption", "corrupt-image", "out-not-empty",
+                                     "resolution",
                                      "edit-no-target", "validation", "resume-missing"])
 def test_cli_checks_inputs_before_loading(problem, tmp_path, no_model, capsys):
     data = _images(tmp_path / "data", n=2)
@@ -137,6 +138,8 @@ def test_cli_checks_inputs_before_loading(problem, tmp_path, no_model, capsys):
         (data / "im0.txt").unlink()
     elif problem == "empty-caption":
         (data / "im1.txt").write_text("  \n")
+    elif problem == "corrupt-image":
+        (data / "im1.png").write_bytes(b"not a png")
     elif problem == "out-not-empty":
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "mine.txt").write_text("keep")
@@ -153,3 +156,30 @@ def test_cli_checks_inputs_before_loading(problem, tmp_path, no_model, capsys):
     assert len(err) == 1 and err[0].startswith("error: "), err
     if problem == "out-not-empty":
         assert (tmp_path / "run" / "mine.txt").read_text() == "keep"
+
+
+def test_parquet_data(tmp_path):
+    """Upstream's local parquet layout (caption + image bytes) reads as items; a wrong layout is one clear error."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lance_mlx.errors import LanceError
+    from lance_mlx.train import data as D
+
+    def png(seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    pq.write_table(pa.table({"caption": ["a fox", "a hen"], "image_bytes": [png(0), png(1)]}), tmp_path / "t.parquet")
+    items = D.find_items(tmp_path / "t.parquet", "t2i")
+    assert [i.text for i in items] == ["a fox", "a hen"] and isinstance(items[0].image, bytes)
+    assert D.open_image(items[1].image).size == (56, 40)
+    pq.write_table(pa.table({"caption": ["x"], "input_image_bytes": [png(2)], "output_image_bytes": [b"junk"]}),
+                   tmp_path / "e.parquet")
+    with pytest.raises(LanceError, match="row000000"):
+        D.find_items(tmp_path / "e.parquet", "edit")
+    with pytest.raises(LanceError, match="lacks the column"):
+        D.find_items(tmp_path / "t.parquet", "edit")

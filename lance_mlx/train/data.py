@@ -6,7 +6,8 @@ Layouts (docs/training.md):
 - edit: `NAME.png` (source) + `NAME_target.png` + `NAME.txt` (instruction);
 - i2t: images with `.txt` answers (the caption task);
 - any task: a JSONL manifest, one object per line: {"image", "caption"} / {"source", "target", "instruction"} /
-  {"image", "answer", "question"?}, paths relative to the manifest.
+  {"image", "answer", "question"?}, paths relative to the manifest;
+- t2i and edit: upstream's local parquet format (train_dataset.md), media as bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -53,8 +54,8 @@ class Item:
 
     name: str
     text: str  # caption / instruction / answer
-    image: Path  # t2i target, edit source, i2t image
-    target: Optional[Path] = None  # edit target
+    image: Union[Path, bytes]  # t2i target, edit source, i2t image (bytes: a parquet cell)
+    target: Optional[Union[Path, bytes]] = None  # edit target
     question: Optional[str] = None  # i2t
 
 
@@ -120,23 +121,77 @@ def scan_manifest(path: Path, task: str) -> List[Item]:
     return items
 
 
+# Upstream's local parquet columns (train_dataset.md, data/datasets_factory/dataset_x2v_interleave_local.py):
+# text2image_general (caption, image_bytes), image2image (caption, input_image_bytes, output_image_bytes).
+PARQUET_COLUMNS = {"t2i": ("caption", "image_bytes"), "edit": ("caption", "input_image_bytes", "output_image_bytes")}
+
+
+def scan_parquet(path: Path, task: str) -> List[Item]:
+    """Rows of an upstream-format local parquet file (media as bytes)."""
+    if task not in PARQUET_COLUMNS:
+        raise InvalidRequestError(f"parquet data is supported for {', '.join(PARQUET_COLUMNS)}; for i2t use a folder "
+                                  f"or a JSONL manifest", param="data")
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(str(path))
+    except ImportError:
+        raise InvalidRequestError("reading parquet needs pyarrow: pip install pyarrow", param="data") from None
+    except Exception as e:  # pyarrow raises its own error types for unreadable files
+        raise InvalidRequestError(f"{path} is not a readable parquet file ({e})", param="data") from None
+    cols = PARQUET_COLUMNS[task]
+    missing = [c for c in cols if c not in table.column_names]
+    if missing:
+        raise InvalidRequestError(f"{path} lacks the column(s) {', '.join(missing)} (a {task} parquet needs "
+                                  f"{', '.join(cols)}, as upstream's train_dataset.md)", param="data")
+    items = []
+    for n, row in enumerate(table.select(list(cols)).to_pylist()):
+        text = row["caption"].strip() if isinstance(row["caption"], str) else ""
+        if not text:
+            raise InvalidRequestError(f"{path} row {n}: empty caption", param="data")
+        if task == "t2i":
+            items.append(Item(f"row{n:06d}", text, row["image_bytes"]))
+        else:
+            items.append(Item(f"row{n:06d}", text, row["input_image_bytes"], row["output_image_bytes"]))
+    return items
+
+
+def open_image(src: Union[Path, bytes], where: str = "image"):
+    """An item's image as RGB (upstream's conversion), from a file or parquet bytes; a bad one is one clear error."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(src, (bytes, bytearray)):
+            return P.load_image(Image.open(io.BytesIO(src)))
+        return P.load_image(src)
+    except FileNotFoundError:
+        raise InputNotFoundError(f"training image {where} does not exist", param="data") from None
+    except (ValueError, OSError, UnidentifiedImageError) as e:
+        raise InvalidRequestError(f"training image {where}: {e}", param="data") from None
+
+
 def find_items(data, task: str) -> List[Item]:
-    """Every item of a folder or JSONL manifest, each image checked to exist and decode (one clear error)."""
+    """Every item of a folder, JSONL manifest or parquet file, each image checked to decode (one clear error)."""
     if task not in TASKS:
         raise InvalidRequestError(f"unknown training task {task!r}: use one of {', '.join(TASKS)}", param="task")
     path = Path(data).expanduser()
     if not path.exists():
         raise InputNotFoundError(f"training data {path} does not exist", param="data")
-    items = scan_folder(path, task) if path.is_dir() else scan_manifest(path, task)
+    if path.is_dir():
+        items = scan_folder(path, task)
+    elif path.suffix.lower() == ".parquet":
+        items = scan_parquet(path, task)
+    else:
+        items = scan_manifest(path, task)
     if not items:
         raise InvalidRequestError(f"no {task} training items in {path} (see docs/training.md for the layout)",
                                   param="data")
     for it in items:
         for p in (it.image, it.target):
             if p is not None:
-                if not p.is_file():
-                    raise InputNotFoundError(f"training image {p} does not exist", param="data")
-                P.check_image_size(P.load_image(p).size, str(p))
+                open_image(p, f"{path} {it.name}" if isinstance(p, bytes) else str(p))
     return items
 
 
@@ -145,7 +200,9 @@ def data_hash(items: Sequence[Item], settings: Dict) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for it in items:
         for p in (it.image, it.target):
-            if p is not None:
+            if isinstance(p, bytes):
+                h.update(hashlib.sha256(p).digest())
+            elif p is not None:
                 st = p.stat()
                 h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         h.update(f"|{it.text}|{it.question}".encode())
@@ -185,14 +242,14 @@ def encode_item(item: Item, task: str, pipe, resolution: int, vit_resolution: in
     if task in ("t2i", "edit"):
         img = item.target if task == "edit" else item.image
         f.target_mu, f.target_log_var, f.shape = _posterior(pipe.component("vae"),
-                                                            P.prepare_vae_pixels([P.load_image(img)], resolution))
+                                                            P.prepare_vae_pixels([open_image(img)], resolution))
     if task in ("edit", "i2t"):
-        src = P.load_image(item.image)
+        src = open_image(item.image)
         if task == "edit":
             f.source_mu, f.source_log_var, shape = _posterior(pipe.component("vae"),
                                                               P.prepare_vae_pixels([src], resolution))
             if shape != f.shape:
-                raise InvalidRequestError(f"{item.image} and {item.target} fall in different aspect buckets "
+                raise InvalidRequestError(f"the pair {item.name} falls in two different aspect buckets "
                                           f"({shape[1] * 16}x{shape[2] * 16} vs {f.shape[1] * 16}x{f.shape[2] * 16});"
                                           f" give the pair the same aspect ratio", param="data")
         from ..conditioning import vit_embeddings
