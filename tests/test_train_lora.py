@@ -223,3 +223,12 @@ def test_convert_fuse_lora(upstream_root, saved_adapter, tmp_path):
     plain = LancePipeline.from_pretrained(upstream_root, task="t2i", dtype="float32",
                                           loras=[f"{saved_adapter}:0.5"])
     np.testing.assert_allclose(_latents(plain), _latents(fused), rtol=1e-5, atol=1e-5)
+
+
+def test_serve_lora_flag(saved_adapter, tmp_path):
+    from lance_mlx.cmd_serve import build_config, parse_args
+
+    cfg = build_config(parse_args(["--lora", f"{saved_adapter}:0.5", "--output-dir", str(tmp_path)]))
+    assert cfg.loras == (f"{saved_adapter}:0.5",)
+    with pytest.raises(SystemExit, match="no LoRA adapter"):
+        build_config(parse_args(["--lora", str(tmp_path / "missing"), "--output-dir", str(tmp_path)]))
