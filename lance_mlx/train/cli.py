@@ -208,6 +208,9 @@ def run(args) -> int:
 
     pipe = LancePipeline.from_pretrained(args.model, task=PIPELINE_TASK[args.task], dtype=args.dtype,
                                          compute_dtype=args.compute_dtype, low_memory=True)
+    # The model being trained must never be released and reloaded (validation runs through the same pipeline): only
+    # the ViT and VAE come and go.
+    pipe.loaders.pop("model", None)
     cache = args.cache_dir or args.out / "cache"
     bar = tqdm(total=len(items), desc="caching latents", unit="item", file=sys.stderr)
     features = D.cache_features(items, args.task, pipe, cache / data_hash, args.resolution, vit_res,
