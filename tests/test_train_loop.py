@@ -183,3 +183,26 @@ def test_parquet_data(tmp_path):
         D.find_items(tmp_path / "e.parquet", "edit")
     with pytest.raises(LanceError, match="lacks the column"):
         D.find_items(tmp_path / "t.parquet", "edit")
+
+
+def test_cli_end_to_end(upstream_root, tmp_path, capsys):
+    """Cache, train, validate, write the adapter; then continue with --resume; the adapter works with --lora."""
+    from lance_mlx.train.cli import main
+
+    data = _images(tmp_path / "data", n=2)
+    out = tmp_path / "run"
+    common = ["--data", str(data), "--out", str(out), "--model", str(upstream_root), "--dtype", "float32",
+              "--resolution", "128", "--rank", "2", "--warmup", "1", "--save-every", "2"]
+    assert main(common + ["--steps", "2", "--validate-every", "2", "--validation-prompt", "a cat",
+                          "--validation-steps", "2"]) == 0
+    assert (out / "validation" / "step_0000002_0.png").is_file()
+    assert (out / "adapter_config.json").is_file() and len(_losses(out)) == 2
+    assert main(common + ["--steps", "3", "--resume"]) == 0
+    assert len(_losses(out)) == 3
+    assert "resuming at step 2" in capsys.readouterr().err
+
+    from lance_mlx.cmd_generate import main as generate
+
+    assert generate(["--prompt", "a cat", "--model", str(upstream_root), "--dtype", "float32", "--width", "64",
+                     "--height", "64", "--steps", "1", "--lora", f"{out}:0.5", "--out", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").is_file()
