@@ -67,16 +67,16 @@ def test_resume_continues_the_same_curve(features, tmp_path):
 
     from lance_mlx import lora as L
 
-    full = _trainer(features, tmp_path / "full")
+    full = _trainer(features, tmp_path / "full", checkpointing=False)
     full.run(progress=False)
 
-    part = _trainer(features, tmp_path / "part", validate_every=2)
+    part = _trainer(features, tmp_path / "part", validate_every=2, checkpointing=False)
     part.validation = lambda step: os.kill(os.getpid(), signal.SIGTERM)
     r = part.run(progress=False)
     assert r["stopped"] == signal.SIGTERM and r["step"] == 2 and r["adapter"] is None
     assert not (tmp_path / "part" / L.ADAPTER_WEIGHTS).exists()  # no final adapter for a stopped run
 
-    resumed = _trainer(features, tmp_path / "part")
+    resumed = _trainer(features, tmp_path / "part", checkpointing=False)
     resumed.resume(r["checkpoint"])
     assert resumed.step == 2
     resumed.run(progress=False)

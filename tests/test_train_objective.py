@@ -84,3 +84,30 @@ def test_timestep_shift_and_noising():
         t = 1 / (1 + np.exp(-z))
         assert float(shifted_timestep(z).item()) == pytest.approx(4 * t / (1 + 3 * t), rel=1e-6)
     assert float(shifted_timestep(mx.array(-np.inf)).item()) == 0.0
+
+
+def test_checkpointing_gives_the_same_gradients(golden, model):
+    """mx.checkpoint per decoder layer recomputes activations: same loss and LoRA gradients as without."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from lance_mlx import lora as L
+    from lance_mlx.train import objective as O
+    from tiny_checkpoints import tiny_lance
+
+    m = tiny_lance()
+    m.freeze()
+    factors = L.add_adapter(m, L.match_targets(m, L.GEN_EXPERT_TARGETS), 4, 4.0, seed=1)
+    for a in factors:
+        a.lora_b = mx.ones(a.lora_b.shape) * 0.01
+    ex, z, noise = example(golden, "edit")
+    draws = O.fixed_draws([ex], [z], [noise])
+    out = []
+    for ck in (False, True):
+        loss, g = nn.value_and_grad(m, lambda mm: O.losses(mm, O.pack(mm, [ex], draws), checkpoint=ck).loss)(m)
+        out.append((float(loss.item()), dict(tree_flatten(g))))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    assert out[0][1].keys() == out[1][1].keys() and len(out[0][1]) == 2 * len(factors)
+    for k, v in out[0][1].items():
+        np.testing.assert_allclose(np.array(out[1][1][k]), np.array(v), rtol=1e-5, atol=1e-7)
