@@ -286,11 +286,13 @@ def fuse(model: nn.Module, dequantize: bool = False) -> int:
     """Fold every loaded adapter into its base weight (W += scale * alpha / r * B A) and unwrap; returns the
     number of layers fused. A quantized base is dequantized first when `dequantize`, else refused."""
     fused = []
-    for path, layer in lora_layers(model).items():
+    layers = lora_layers(model)
+    quantized = [p for p, layer in layers.items() if isinstance(layer.base, nn.QuantizedLinear)]
+    if quantized and not dequantize:  # refuse before changing anything
+        raise WeightsError(f"{quantized[0]} is quantized; fuse adapters into float weights (before quantizing)")
+    for path, layer in layers.items():
         base = layer.base
         if isinstance(base, nn.QuantizedLinear):
-            if not dequantize:
-                raise WeightsError(f"{path} is quantized; fuse adapters into float weights (before quantizing)")
             w = mx.dequantize(base.weight, base.scales, base.biases, base.group_size, base.bits)
             lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in base)
             if "bias" in base:

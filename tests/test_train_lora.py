@@ -232,3 +232,28 @@ def test_serve_lora_flag(saved_adapter, tmp_path):
     assert cfg.loras == (f"{saved_adapter}:0.5",)
     with pytest.raises(SystemExit, match="no LoRA adapter"):
         build_config(parse_args(["--lora", str(tmp_path / "missing"), "--output-dir", str(tmp_path)]))
+
+
+def test_lora_over_a_quantized_base():
+    """A 4-bit base (QLoRA-style): the adapter trains on QuantizedLinear layers and fuses after dequantizing."""
+    from lance_mlx.quantize import quantize_lance
+
+    model = _fresh()
+    quantize_lance(model, {"bits": 4, "group_size": 64, "experts": "all"})
+    model.freeze()
+    paths = L.match_targets(model, L.GEN_EXPERT_TARGETS)
+    assert len(paths) == 21
+    adapters = _random_adapter(model, paths, r=2, alpha=2.0)
+    assert adapters[MLP_PATHS[2]].lora_a.shape == (2, 128)  # down_proj input: the unpacked width
+    x = mx.array(np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32))
+    mlp = model.language_model.model.layers[0].mlp_moe_gen
+    _, grads = nn.value_and_grad(model, lambda m: m.language_model.model.layers[0].mlp_moe_gen(x).sum())(model)
+    from mlx.utils import tree_flatten
+
+    assert all(np.abs(np.array(v)).max() > 0 for k, v in tree_flatten(grads) if ".layers.0.mlp_moe_gen." in k)
+    before = np.array(mlp(x))
+    with pytest.raises(Exception, match="quantized"):
+        L.fuse(model)
+    L.fuse(model, dequantize=True)
+    np.testing.assert_allclose(np.array(model.language_model.model.layers[0].mlp_moe_gen(x)), before,
+                               rtol=1e-4, atol=1e-4)
