@@ -50,13 +50,23 @@ def add_model_args(p: argparse.ArgumentParser, default_dtype: str = "bfloat16") 
     g.add_argument("--skip-memory-check", action="store_true",
                    help="run even when the estimated peak memory exceeds what is available (also "
                         "LANCE_MLX_SKIP_MEMORY_CHECK=1; docs/memory.md)")
+    add_lora_arg(g)
     g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
+def add_lora_arg(g) -> None:
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA adapter (folder or .safetensors of lance-mlx-train or PEFT) at SCALE "
+                        "(default 1); repeat to stack adapters (docs/training.md)")
+
+
 def pipeline_options(args) -> dict:
-    """The `LancePipeline.from_pretrained` keywords of the model flags."""
+    """The `LancePipeline.from_pretrained` keywords of the model flags (the --lora files checked here, before any
+    weights load)."""
+    from .lora import check_lora_args
+
     return {"dtype": args.dtype, "compute_dtype": args.compute_dtype, "low_memory": args.low_memory,
-            "und_bits": args.und_bits}
+            "und_bits": args.und_bits, "loras": check_lora_args(getattr(args, "lora", None) or ())}
 
 
 def add_seed_arg(g, default: int = D.seed) -> None:
@@ -293,6 +303,8 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
             "dtype": args.dtype, "software": SOFTWARE}
     if args.compute_dtype:
         meta["compute_dtype"] = args.compute_dtype
+    if getattr(args, "lora", None):
+        meta["lora"] = list(args.lora)
     if request.checkpoint == "video":
         meta.update(frames=frames, fps=fps)
     with timer.phase("decode + write"):

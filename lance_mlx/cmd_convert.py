@@ -10,6 +10,7 @@ from .checkpoints import UPSTREAM_REPO
 from .cli import main_guard
 from .conversion import ConversionOptions, check_destination, check_options, convert
 from .errors import LanceError, WeightsError, WriteError
+from .lora import check_lora_args
 from .quantize import QUANT_EXPERTS
 
 EPILOG = """examples:
@@ -41,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64 (default), 128")
     q.add_argument("--quantize-experts", default="all", choices=QUANT_EXPERTS,
                    help="which expert's linears: all (default), und (understanding), gen (generation, *_moe_gen)")
+    out.add_argument("--fuse-lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="fold a LoRA adapter into the LLM weights (before any quantization); repeatable "
+                          "(docs/training.md)")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p.parse_args(argv)
 
@@ -49,7 +53,8 @@ def conversion_options(args: argparse.Namespace) -> ConversionOptions:
     """The options of a parsed command line, checked (dtypes, quantization, destination) before anything is read
     or downloaded; a bad one raises its `LanceError`."""
     options = ConversionOptions(video=args.video, dtype=args.dtype, vae_dtype=args.vae_dtype, quantize=args.quantize,
-                                group_size=args.group_size, experts=args.quantize_experts, force=args.force)
+                                group_size=args.group_size, experts=args.quantize_experts, force=args.force,
+                                fuse_lora=tuple(check_lora_args(args.fuse_lora)))
     check_options(options)
     check_destination(args.out, args.force)
     return options

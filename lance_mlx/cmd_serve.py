@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .checkpoints import UPSTREAM_REPO, hub_reference
-from .cli import add_dtype_args, fail, flag_message
+from .cli import add_dtype_args, add_lora_arg, fail, flag_message
 from .errors import InvalidRequestError, LanceError
 from .server.settings import MAX_BODY_MB, MAX_IMAGES, MAX_PIXELS, MAX_QUEUE, MAX_STEPS
 from .tasks import MAX_FRAMES
@@ -23,6 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder with the video checkpoint when --model holds only the image one (e.g. two "
                         "convert.py folders)")
     add_dtype_args(m)
+    add_lora_arg(m)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network, "
@@ -65,8 +66,12 @@ def build_config(args):
         model = getattr(args, name)
         if model is not None and "/" in model and not Path(model).expanduser().exists():
             hub_reference(model)
+    if args.lora:
+        from .lora import check_lora_args
+
+        check_lora_args(args.lora)  # a LanceError: main's one line, exit 2
     return ServerConfig(model=args.model, video_model=args.video_model, output_dir=args.output_dir, dtype=args.dtype,
-                        compute_dtype=args.compute_dtype,
+                        compute_dtype=args.compute_dtype, loras=tuple(args.lora),
                         api_key=args.api_key, host=args.host, allowed_hosts=tuple(args.allow_host),
                         max_queue=args.max_queue, allow_local_files=args.allow_local_files,
                         max_body_bytes=args.max_body_mb * 2**20, max_steps=args.max_steps,

@@ -32,6 +32,7 @@ from .checkpoints import (
 from .config import LanceConfig, VAEConfig
 from .errors import InvalidRequestError, OutputError, OutputTakenError, WeightsError, WriteError
 from .loading import dtype_name, normalize_llm_keys, normalize_vae_keys, parse_dtype
+from .lora import weight_deltas as lora_weight_deltas
 from .publish import publish
 from .quantize import check_quantization, is_quantized_linear, quantization_warning
 
@@ -59,6 +60,7 @@ class ConversionOptions:
     experts: str = "all"  # which expert's linears are quantized
     force: bool = False  # replace an earlier conversion output at the destination
     shard_bytes: int = SHARD_BYTES
+    fuse_lora: tuple = ()  # (path, scale) LoRA adapters folded into the LLM weights (docs/training.md)
 
 
 def conversion_task(video: bool) -> str:
@@ -317,11 +319,15 @@ def write_llm_shards(plan: ConversionPlan, out: Path, tick: Callable[[int], Any]
         src.update(mx.load(str(p)))
     weight_map = {}
     total = 0
+    deltas = lora_weight_deltas(plan.options.fuse_lora) if plan.options.fuse_lora else {}
     for i, shard in enumerate(plan.shards):
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors = {}
         for t in shard:
             # pop: an evaluated source array would otherwise keep its (float32) data alive
+            if t.out_key.endswith(".weight") and t.out_key[: -len(".weight")] in deltas:
+                w = src.pop(t.src_key)
+                src[t.src_key] = (w.astype(mx.float32) + deltas.pop(t.out_key[: -len(".weight")])).astype(w.dtype)
             if t.kind == "cast":
                 tensors[t.out_key] = src.pop(t.src_key).astype(dt)
                 mx.eval(tensors[t.out_key])
@@ -337,6 +343,8 @@ def write_llm_shards(plan: ConversionPlan, out: Path, tick: Callable[[int], Any]
             total += v.nbytes
         del tensors
     del src
+    if deltas:
+        raise WeightsError(f"the LoRA adapter targets {sorted(deltas)[0]}, which this checkpoint does not have")
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 

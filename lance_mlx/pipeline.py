@@ -5,13 +5,13 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from . import checkpoints, loading
+from . import checkpoints, loading, lora
 from . import understanding as U
 from .conditioning import encode_edit_inputs, encode_first_frame, first_frame_mask
 from .config import SamplingParams
@@ -77,6 +77,7 @@ class LancePipeline:
         self.low_memory = low_memory
         self.loaders = dict(loaders or {})
         self._config = model.config
+        self.loras: List[Tuple[str, float]] = []  # (path, scale) of the adapters applied, in order
 
     @property
     def config(self):
@@ -100,7 +101,7 @@ class LancePipeline:
     def from_pretrained(cls, path_or_repo: Union[str, Path] = checkpoints.UPSTREAM_REPO, task: Optional[str] = None,
                         *, dtype="bfloat16", vae_dtype=None, compute_dtype=None, rope_bf16: Optional[bool] = None,
                         request: Optional[Request] = None, low_memory: bool = False,
-                        und_bits: Optional[int] = None) -> "LancePipeline":
+                        und_bits: Optional[int] = None, loras: Union[list, tuple] = ()) -> "LancePipeline":
         """Load a model folder or hub repo id with the components `task` needs (t2i, t2v, i2v, image_edit,
         video_edit, x2t_image, x2t_video; default: the task of `request`, else t2i).
 
@@ -113,8 +114,11 @@ class LancePipeline:
         `low_memory` loads the LLM now and the ViT / VAE only for the phases that use them (see the class);
         `und_bits` (4 or 8) quantizes the understanding expert after loading, which changes results a little
         (docs/memory.md); the generation expert stays in `dtype`.
+        `loras`: LoRA adapters to apply, each a path, "PATH:SCALE" or (path, scale) (docs/training.md); checked
+        before any weights load.
         """
         task = task or (request.task if request is not None else "t2i")
+        lora_specs = lora.check_lora_args([x if isinstance(x, str) else f"{x[0]}:{x[1]}" for x in loras or ()])
         compute = None if compute_dtype is None else loading.parse_dtype(compute_dtype)  # before any download
         files = checkpoints.resolve(path_or_repo, task)
         check_checkpoint(files.checkpoint, task, str(path_or_repo))
@@ -126,9 +130,26 @@ class LancePipeline:
         loaders = loading.component_loaders(files, task, dtype, vae_dtype, rope_bf16, und_bits) if low_memory else None
         if loaders:
             load_model = loaders["model"]
-            loaders["model"] = lambda: _computing_in(load_model(), compute)
-        return cls(c.model, c.tokenizer, c.vit, c.vae, checkpoint=files.checkpoint, low_memory=low_memory,
+            loaders["model"] = lambda: lora.apply_all(_computing_in(load_model(), compute), lora_specs)
+        lora.apply_all(c.model, lora_specs)
+        pipe = cls(c.model, c.tokenizer, c.vit, c.vae, checkpoint=files.checkpoint, low_memory=low_memory,
                    loaders=loaders)
+        pipe.loras = [(p, s) for p, s in lora_specs]
+        return pipe
+
+    # ------------------------------------------------------------------------------------------------ LoRA
+    def load_lora(self, path, scale: float = 1.0) -> int:
+        """Apply a LoRA adapter (PEFT format) to the model without copying its weights; returns its index for
+        `set_lora_scale`. Adapters stack: each adds its own scaled update (docs/training.md)."""
+        lora.load_adapter(self.component("model"), path, scale)
+        self.loras.append((str(path), float(scale)))
+        return len(self.loras) - 1
+
+    def set_lora_scale(self, index: int, scale: float) -> None:
+        """Change the scale of the adapter `load_lora` returned `index` for (0: as if it were not loaded)."""
+        lora.set_adapter_scale(self.component("model"), index, scale)
+        path, _ = self.loras[index]
+        self.loras[index] = (path, float(scale))
 
     # ------------------------------------------------------------------------------------------------ checks
     def check(self, request: Request) -> None:

@@ -63,7 +63,7 @@ def default_loader(config: ServerConfig) -> Callable[[str], Any]:
         from ..pipeline import LancePipeline
 
         return LancePipeline.from_pretrained(config.model_for(kind), task=FULL_TASK[kind], dtype=config.dtype,
-                                             compute_dtype=config.compute_dtype)
+                                             compute_dtype=config.compute_dtype, loras=config.loras)
 
     return load
 

@@ -28,6 +28,7 @@ class ServerConfig:
     output_dir: Path = Path("lance-outputs")
     dtype: str = "bfloat16"
     compute_dtype: Optional[str] = None  # the LLM's activations (None: dtype)
+    loras: tuple = ()  # "PATH[:SCALE]" LoRA adapters applied to every checkpoint loaded (docs/training.md)
     api_key: Optional[str] = None
     host: str = "127.0.0.1"  # the address it listens on: its Host names are allowed (guard.allowed_hosts)
     allowed_hosts: Tuple[str, ...] = ()  # more Host names to answer to (--allow-host), "*" for any
