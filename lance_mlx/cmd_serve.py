@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .checkpoints import UPSTREAM_REPO, hub_reference
 from .cli import add_dtype_args, add_lora_arg, fail, flag_message
+from .enhance import add_endpoint_args
 from .errors import InvalidRequestError, LanceError
 from .server.settings import MAX_BODY_MB, MAX_IMAGES, MAX_PIXELS, MAX_QUEUE, MAX_STEPS
 from .tasks import MAX_FRAMES
@@ -39,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where outputs and the history database go (default ./lance-outputs)")
     s.add_argument("--allow-local-files", action="store_true",
                    help="let requests name local files (file:// URLs or paths) as inputs; off by default")
+    add_endpoint_args(p.add_argument_group("prompt enhancement of requests with enhance_prompt (docs/steering.md)"))
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                      help=f"jobs that may wait behind the running one; more get 429 (default {MAX_QUEUE})")
@@ -55,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args):
+    from .enhance import server_enhancer
     from .server.settings import ServerConfig
 
     for name in ("max_queue", "max_steps", "max_pixels", "max_frames", "max_images", "max_body_mb"):
@@ -75,7 +78,8 @@ def build_config(args):
                         api_key=args.api_key, host=args.host, allowed_hosts=tuple(args.allow_host),
                         max_queue=args.max_queue, allow_local_files=args.allow_local_files,
                         max_body_bytes=args.max_body_mb * 2**20, max_steps=args.max_steps,
-                        max_pixels=args.max_pixels, max_frames=args.max_frames, max_images=args.max_images)
+                        max_pixels=args.max_pixels, max_frames=args.max_frames, max_images=args.max_images,
+                        enhancer=server_enhancer(args))
 
 
 def main(argv=None) -> int:
@@ -100,6 +104,8 @@ def main(argv=None) -> int:
     if not is_loopback(args.host) and not args.api_key:
         print(f"warning: --host {args.host} opens the server to the network without --api-key: anyone who can reach "
               "this port can run jobs and read every output", file=sys.stderr)
+    if config.enhancer.endpoint:
+        print(f"prompt enhancement by {config.enhancer.source}", file=sys.stderr)
     try:
         uvicorn.run(create_app(config, lock=lock), host=args.host, port=args.port, log_level=args.log_level)
     finally:

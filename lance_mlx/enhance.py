@@ -9,8 +9,9 @@ import dataclasses
 import io
 import os
 import sys
-from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -109,14 +110,14 @@ class Enhancer:
     fallback: bool = False
     endpoint: Optional[str] = None
     model: Optional[str] = None
-    api_key: Optional[str] = None
+    api_key: Optional[str] = field(default=None, repr=False)  # a secret: never in a repr, a log or an answer
 
     def __post_init__(self):
         if self.endpoint is None:
             return
-        if not self.endpoint.startswith(("http://", "https://")):
-            raise InvalidRequestError(f"the enhancement endpoint must be an http:// or https:// URL, got "
-                                      f"{self.endpoint!r}", "enhance_endpoint")
+        if _host_of(self.endpoint) is None:
+            raise InvalidRequestError(f"the enhancement endpoint must be an http:// or https:// URL with a host "
+                                      f"(such as http://127.0.0.1:8080/v1), got {self.endpoint!r}", "enhance_endpoint")
         if not self.model:
             raise InvalidRequestError(f"an enhancement endpoint needs a model name: pass --enhance-model NAME (or set "
                                       f"{ENV_MODEL})", "enhance_model")
@@ -130,8 +131,22 @@ class Enhancer:
         return cls(fallback, endpoint, model, os.environ.get(ENV_API_KEY) or None)
 
     @property
+    def public_endpoint(self) -> Optional[str]:
+        """The endpoint without what may hold a secret (user:password@, a query, a fragment)."""
+        if self.endpoint is None:
+            return None
+        parts = urlsplit(self.endpoint)
+        return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+    @property
     def source(self) -> str:
-        return f"{self.model} at {self.endpoint}" if self.endpoint else "checkpoint"
+        return f"{self.model} at {self.public_endpoint}" if self.endpoint else "checkpoint"
+
+    def describe(self) -> Dict[str, Optional[str]]:
+        """What rewrites, fit to show (the server's /v1/models): no key, no credentials in the URL."""
+        if self.endpoint is None:
+            return {"by": "checkpoint"}
+        return {"by": "endpoint", "endpoint": self.public_endpoint, "model": self.model}
 
     @property
     def needs_model(self) -> bool:
@@ -166,6 +181,16 @@ class Enhancer:
 
 class EnhanceError(GenerationError):
     """The rewrite failed (endpoint unreachable or refusing, empty answer): exit 1, HTTP 502 from the server."""
+
+
+def _host_of(url: str) -> Optional[str]:
+    """The host of an http(s) URL, else None (another scheme, no host, a malformed port or address)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return None
+    return parts.hostname if parts.scheme in ("http", "https") else None
 
 
 def _stderr(line: str) -> None:
@@ -285,11 +310,19 @@ def add_enhance_args(p) -> None:
                    help="rewrite the prompt into a detailed caption before generating (t2i, t2v, i2v), with the "
                         "loaded checkpoint or --enhance-endpoint; a failed rewrite is an error, or with 'fallback' a "
                         "warning and the original prompt")
+    add_endpoint_args(g)
+
+
+def add_endpoint_args(g) -> None:
+    """--enhance-endpoint and --enhance-model, of the commands (with --enhance-prompt) and of serve.py (where each
+    request asks for enhancement). No flag takes the API key: a command line is visible to every user of the machine
+    (ps, /proc) and kept in shell history, so the key comes from the environment only."""
     g.add_argument("--enhance-endpoint", metavar="URL",
                    help=f"OpenAI-compatible chat endpoint that rewrites (default ${ENV_BASE_URL}; none: the "
                         "checkpoint's own understanding expert)")
     g.add_argument("--enhance-model", metavar="NAME",
-                   help=f"model name at the endpoint (default ${ENV_MODEL}; key from ${ENV_API_KEY})")
+                   help=f"model name at the endpoint (default ${ENV_MODEL}); the API key comes from ${ENV_API_KEY} "
+                        "only, never from a flag, which other users of the machine could read")
 
 
 def enhancer_from_args(args) -> Optional[Enhancer]:
@@ -302,6 +335,16 @@ def enhancer_from_args(args) -> Optional[Enhancer]:
     return Enhancer.from_env(mode == "fallback", args.enhance_endpoint, args.enhance_model)
 
 
+def server_enhancer(args) -> Enhancer:
+    """serve.py's enhancer, checked at start-up: the flags of `add_endpoint_args`, else upstream's LANCE_REWRITE_*
+    variables, else the loaded checkpoint; each request with enhance_prompt uses it."""
+    enhancer = Enhancer.from_env(False, args.enhance_endpoint, args.enhance_model)
+    if args.enhance_model and enhancer.endpoint is None:
+        raise InvalidRequestError(f"--enhance-model names a model at an endpoint: add --enhance-endpoint URL (or set "
+                                  f"{ENV_BASE_URL})", "enhance_model")
+    return enhancer
+
+
 def enhance_for_run(enhancer: Enhancer, request, metadata: dict, pipeline=None):
     """A command's rewrite: the request to generate; the enhanced prompt printed and put in `metadata` beside the
     original, or a note there when a `fallback` run keeps the original prompt."""
@@ -312,6 +355,15 @@ def enhance_for_run(enhancer: Enhancer, request, metadata: dict, pipeline=None):
     _stderr(f"[enhanced prompt, {enhancer.source}] {revised}")
     metadata.update(revised_prompt=revised, enhanced_by=enhancer.source)
     return request
+
+
+def enhance_request(enhancer: Enhancer, request, fallback: bool, pipeline=None
+                    ) -> Tuple[Any, Optional[str], Optional[str]]:
+    """A server job's rewrite, `fallback` asked per request: (request to generate, enhanced prompt or None, the
+    warning of a failed rewrite that kept the original prompt or None)."""
+    warnings: List[str] = []
+    request, revised = dataclasses.replace(enhancer, fallback=fallback).apply(request, pipeline, warnings.append)
+    return request, revised, (warnings[0] if warnings else None)
 
 
 def check_run(enhancer: Enhancer, task: str, shared_over_ranks: bool, batch_item: bool) -> None:
@@ -327,6 +379,6 @@ def check_run(enhancer: Enhancer, task: str, shared_over_ranks: bool, batch_item
                                   "--enhance-endpoint, or --parallel cfg", "enhance_prompt")
 
 
-__all__ = ["CHECKPOINT_MAX_TOKENS", "EnhanceError", "Enhancer", "EXAMPLES", "TASKS", "add_enhance_args", "check_run",
-           "enhance_for_run", "enhancer_from_args", "rewrite_instruction", "rewrite_with_checkpoint",
-           "rewrite_with_endpoint", "text_prompt"]
+__all__ = ["CHECKPOINT_MAX_TOKENS", "EnhanceError", "Enhancer", "EXAMPLES", "TASKS", "add_endpoint_args",
+           "add_enhance_args", "check_run", "enhance_for_run", "enhance_request", "enhancer_from_args",
+           "rewrite_instruction", "rewrite_with_checkpoint", "rewrite_with_endpoint", "server_enhancer", "text_prompt"]

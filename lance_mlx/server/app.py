@@ -25,6 +25,7 @@ from .guard import BodyTooLarge, Guard, Signer, allowed_hosts, form_allowed, too
 from .history import History, StorageError
 from .jobs import Engine, Job, QueueFull, Unavailable
 from .lock import OutputLock
+from .redact import redact
 from .schemas import ApiError, Fields, Parsed, Upload
 from .settings import HISTORY_PAGE, ServerConfig
 
@@ -253,7 +254,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "bytedance-research",
                          "root": config.model_for(kind), "checkpoint": kind, "resident": resident == kind,
                          "tasks": [t for t in TASKS if checkpoint_kind_for(t) == kind]})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": data, "enhancer": enhancer_info(config)}
 
     @app.get("/v1/presets")
     async def presets():
@@ -420,3 +421,14 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
 
 def _model_name(kind: str) -> str:
     return VIDEO_LLM_DIR if kind == "video" else IMAGE_LLM_DIR
+
+
+def enhancer_info(config: ServerConfig) -> Dict[str, Any]:
+    """What rewrites the prompts of requests with enhance_prompt, for GET /v1/models: the checkpoint, or the endpoint
+    and model (enhance.Enhancer.describe: never the key, nor credentials in the URL)."""
+    from ..enhance import Enhancer
+
+    try:
+        return (config.enhancer or Enhancer.from_env()).describe()
+    except InvalidRequestError as e:  # LANCE_REWRITE_* set wrong for a server made without serve.py's start-up check
+        return {"by": "endpoint", "error": redact(str(e))}

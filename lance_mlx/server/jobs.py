@@ -433,15 +433,20 @@ class Engine:
         save_video(frames(), path, fps=fps, metadata=meta)
 
     def _enhance(self, job: Job, pipe) -> Request:
-        """The job's request with its prompt rewritten (docs/steering.md): by the endpoint of upstream's
-        LANCE_REWRITE_* variables when set, else by the loaded checkpoint; kept in the job's settings."""
-        from ..enhance import Enhancer
+        """The job's request with its prompt rewritten (docs/steering.md) by the server's enhancer (serve.py
+        --enhance-endpoint, else upstream's LANCE_REWRITE_* variables, else the loaded checkpoint); kept in the job's
+        settings. With enhance_prompt "fallback" a failed rewrite is a warning there and the original prompt."""
+        from ..enhance import Enhancer, enhance_request
 
         job.events.emit({"type": "enhance"})
-        request, revised = Enhancer.from_env().apply(job.request, pipe)
-        job.settings["revised_prompt"] = revised
+        request, revised, warning = enhance_request(self.config.enhancer or Enhancer.from_env(), job.request,
+                                                    job.settings["enhance_prompt"] == "fallback", pipe)
+        if revised is not None:
+            job.settings["revised_prompt"] = revised
+        if warning is not None:
+            job.settings["revised_prompt_error"] = warning = redact(warning)
         self.history.update(job.id, settings=job.settings)
-        job.events.emit({"type": "enhanced", "revised_prompt": revised})
+        job.events.emit({"type": "enhanced", "revised_prompt": revised, **({"warning": warning} if warning else {})})
         return request
 
     def _answer(self, job: Job) -> None:

@@ -310,11 +310,18 @@ def steering(f: Fields, request) -> Dict[str, Any]:
     """The settings of docs/steering.md a job keeps: its negative prompt and whether its prompt is enhanced (the
     worker rewrites it and adds `revised_prompt`)."""
     out: Dict[str, Any] = {"negative_prompt": request.negative_prompt} if request.negative_prompt else {}
-    if f.boolean("enhance_prompt"):
+    # "fallback" (as the command line's --enhance-prompt fallback): a failed rewrite keeps the original prompt
+    value = f.values.get("enhance_prompt")
+    try:
+        mode = "fallback" if value == "fallback" else f.boolean("enhance_prompt")
+    except InvalidTypeError:
+        raise InvalidTypeError(f'enhance_prompt must be true, false or "fallback", got {shown(repr(value))}',
+                               "enhance_prompt") from None
+    if mode:
         if request.task not in ENHANCE_TASKS:
             raise InvalidRequestError(f"enhance_prompt applies to {', '.join(ENHANCE_TASKS)}, not {request.task}",
                                       "enhance_prompt")
-        out["enhance_prompt"] = True
+        out["enhance_prompt"] = mode
     return out
 
 

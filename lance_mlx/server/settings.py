@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from ..checkpoints import UPSTREAM_REPO
 from ..tasks import MAX_FRAMES
+
+if TYPE_CHECKING:
+    from ..enhance import Enhancer
 
 # Our serving limits (none are upstream's): they bound what one request may cost before it reaches the queue.
 MAX_BODY_MB = 64  # a request body: a few input images or a short video as data URLs or uploads
@@ -39,6 +42,9 @@ class ServerConfig:
     max_pixels: int = MAX_PIXELS
     max_frames: int = MAX_FRAMES
     max_images: int = MAX_IMAGES
+    # what rewrites prompts of requests with enhance_prompt (serve.py --enhance-endpoint / --enhance-model);
+    # None: upstream's LANCE_REWRITE_* variables as each job runs, else the loaded checkpoint
+    enhancer: Optional["Enhancer"] = None
 
     def model_for(self, kind: str) -> str:
         """The folder or repo id to load the `kind` ("image" / "video") checkpoint from."""
