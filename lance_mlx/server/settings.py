@@ -38,6 +38,7 @@ class ServerConfig:
     max_pixels: int = MAX_PIXELS
     max_frames: int = MAX_FRAMES
     max_images: int = MAX_IMAGES
+    max_memory: Optional[int] = None  # bytes a job may peak at (server/admission.py); None: available at start
 
     def model_for(self, kind: str) -> str:
         """The folder or repo id to load the `kind` ("image" / "video") checkpoint from."""
