@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     lim.add_argument("--max-frames", type=int, default=MAX_FRAMES, help=f"most video frames (default {MAX_FRAMES})")
     lim.add_argument("--max-images", type=int, default=MAX_IMAGES, help=f"largest n per image request "
                                                                            f"(default {MAX_IMAGES})")
+    lim.add_argument("--max-memory", default=None, metavar="SIZE",
+                     help="memory budget of one job, e.g. 24G: a request whose estimated peak (docs/memory.md) is "
+                          "larger gets 400 naming a size or frame count that fits (default: the memory available "
+                          "when the server starts, before any model loads)")
     lim.add_argument("--max-body-mb", type=int, default=MAX_BODY_MB,
                      help=f"largest request body in MiB (default {MAX_BODY_MB})")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -65,6 +69,13 @@ def build_config(args):
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be at least 1", name)
     if not 0 <= args.port <= 65535:
         raise InvalidRequestError(f"--port must be in [0, 65535], got {args.port}", "port")
+    max_memory = None
+    if args.max_memory is not None:
+        from .memory_estimate import parse_bytes
+
+        max_memory = parse_bytes(args.max_memory, "max_memory")
+        if max_memory < 1:
+            raise InvalidRequestError("--max-memory must be a positive size, e.g. 24G", "max_memory")
     for name in ("model", "video_model"):  # a hub id or address is checked now, before the server starts
         model = getattr(args, name)
         if model is not None and "/" in model and not Path(model).expanduser().exists():
@@ -79,7 +90,7 @@ def build_config(args):
                         max_queue=args.max_queue, allow_local_files=args.allow_local_files,
                         max_body_bytes=args.max_body_mb * 2**20, max_steps=args.max_steps,
                         max_pixels=args.max_pixels, max_frames=args.max_frames, max_images=args.max_images,
-                        enhancer=server_enhancer(args))
+                        enhancer=server_enhancer(args), max_memory=max_memory)
 
 
 def main(argv=None) -> int:

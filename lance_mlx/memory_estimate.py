@@ -227,10 +227,11 @@ def estimate_peak_bytes(request, options: MemoryOptions = MemoryOptions()) -> in
 
 
 # --------------------------------------------------------------------------------------------- availability
-def _parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+def parse_bytes(text: str, name: str = AVAILABLE_ENV) -> int:
+    """Bytes of a size like "24G", "512M" or "12884901888" (powers of 1024); `name` is what the error names."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
     if not m:
-        raise InvalidRequestError(f"{AVAILABLE_ENV}={text!r} is not a size (e.g. 12G or 12884901888)")
+        raise InvalidRequestError(f"{name}={text!r} is not a size (e.g. 12G or 12884901888)", name)
     return int(float(m[1]) * 1024 ** " KMGT".index(m[2].upper() or " "))
 
 
@@ -241,7 +242,7 @@ def available_memory_bytes() -> int:
     (e.g. "12G") overrides both."""
     override = os.environ.get(AVAILABLE_ENV)
     if override:
-        return _parse_bytes(override)
+        return parse_bytes(override)
     if sys.platform.startswith("linux"):
         try:
             with open("/proc/meminfo") as f:
@@ -258,23 +259,46 @@ def available_memory_bytes() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- check
-def _smaller(request, fits) -> Optional[str]:
-    """The largest smaller t2i/t2v request (frames first, then size at the same aspect) for which `fits`."""
-    from .tasks import FRAME_STRIDE, SIZE_STRIDE
+def largest_fitting(request, fits) -> Optional[Tuple[str, object]]:
+    """The largest smaller variant of a t2i/t2v/i2v request for which `fits(request)`: fewer frames first (videos),
+    then a smaller size at the same aspect (t2i/t2v) or a lower resolution (i2v). Returns (the field changed:
+    "num_frames", "size" or "resolution", that request), or None. One definition for the commands' flags and the
+    server's fields."""
+    from .tasks import FRAME_STRIDE, MIN_RESOLUTION, SIZE_STRIDE
 
-    if request.task not in ("t2i", "t2v"):
+    def ok(**changes):
+        try:
+            return fits(replace(request, **changes))
+        except InvalidRequestError:  # a variant the request type refuses (e.g. too few i2v frames)
+            return False
+
+    if request.task not in ("t2i", "t2v", "i2v"):
         return None
-    frames = getattr(request, "num_frames", 1)
-    if request.task == "t2v":
-        for n in range(frames - FRAME_STRIDE, 0, -FRAME_STRIDE):
-            if fits(replace(request, num_frames=n)):
-                return f"--frames {n}"
+    if request.task != "t2i":
+        for n in range(request.num_frames - FRAME_STRIDE, 0, -FRAME_STRIDE):
+            if ok(num_frames=n):
+                return "num_frames", replace(request, num_frames=n)
+    if request.task == "i2v":
+        for r in range(request.resolution - SIZE_STRIDE, MIN_RESOLUTION - 1, -SIZE_STRIDE):
+            if ok(resolution=r):
+                return "resolution", replace(request, resolution=r)
+        return None
     for k in range(100, 0, -5):
         w = max(SIZE_STRIDE, round(request.width * k / 100 / SIZE_STRIDE) * SIZE_STRIDE)
         h = max(SIZE_STRIDE, round(request.height * k / 100 / SIZE_STRIDE) * SIZE_STRIDE)
-        if (w, h) != (request.width, request.height) and fits(replace(request, width=w, height=h)):
-            return f"--width {w} --height {h}"
+        if (w, h) != (request.width, request.height) and ok(width=w, height=h):
+            return "size", replace(request, width=w, height=h)
     return None
+
+
+def _smaller(request, fits) -> Optional[str]:
+    """`largest_fitting` as the commands' flags."""
+    found = largest_fitting(request, fits)
+    if found is None:
+        return None
+    field, r = found
+    return {"num_frames": lambda: f"--frames {r.num_frames}", "resolution": lambda: f"--resolution {r.resolution}",
+            "size": lambda: f"--width {r.width} --height {r.height}"}[field]()
 
 
 def check_memory(request, options: MemoryOptions = MemoryOptions(), available: Optional[int] = None) -> int:
@@ -325,5 +349,5 @@ def check_before_loading(args, request) -> None:
 
 
 __all__ = ["MemoryOptions", "Weights", "available_memory_bytes", "check_before_loading", "check_memory",
-           "estimate_peak_bytes", "generation_peak", "kv_bytes_per_token", "options_for_model", "skip_requested",
-           "understanding_peak", "weight_bytes"]
+           "estimate_peak_bytes", "generation_peak", "kv_bytes_per_token", "largest_fitting", "options_for_model",
+           "parse_bytes", "skip_requested", "understanding_peak", "weight_bytes"]

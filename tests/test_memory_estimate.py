@@ -11,7 +11,7 @@ from PIL import Image
 from lance_mlx import cmd_caption, cmd_generate
 from lance_mlx import memory_estimate as M
 from lance_mlx.errors import InsufficientMemoryError, InvalidRequestError
-from lance_mlx.tasks import ImageEdit, TextToImage, TextToVideo, Understand
+from lance_mlx.tasks import ImageEdit, ImageToVideo, TextToImage, TextToVideo, Understand
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -101,6 +101,20 @@ def test_check_refuses_with_a_frame_count_that_fits():
     n = int(_suggestion(message)[2])
     assert M.estimate_peak_bytes(TextToVideo(PROMPT, n, 848, 480), options) <= have
     assert M.estimate_peak_bytes(TextToVideo(PROMPT, n + 4, 848, 480), options) > have  # the largest that fits
+
+
+def test_image_to_video_hint_names_frames_then_resolution():
+    options = M.MemoryOptions(low_memory=True, und_bits=4)
+    request = ImageToVideo(PROMPT, _image(640, 640), 49, 640)
+    need = M.estimate_peak_bytes(request, options)
+    for have in (need - GIB // 4, M.estimate_peak_bytes(ImageToVideo(PROMPT, _image(640, 640), 5, 640), options) - 1):
+        with pytest.raises(InsufficientMemoryError) as e:
+            M.check_memory(request, options, available=have)
+        m = re.search(r"--(frames|resolution) (\d+) would fit", str(e.value))
+        assert m, str(e.value)
+        frames, resolution = (int(m[2]), 640) if m[1] == "frames" else (5, int(m[2]))
+        assert M.estimate_peak_bytes(ImageToVideo(PROMPT, _image(640, 640), frames, resolution), options) <= have
+        assert (m[1] == "frames") == (have > need - GIB), m[0]  # fewer frames first, the resolution when none fit
 
 
 def test_check_refuses_with_a_size_that_fits_and_hints_the_flags():

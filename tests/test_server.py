@@ -23,7 +23,9 @@ def served(upstream_root, tmp_path_factory):
 def test_health_models_presets_and_page(served):
     client, cfg = served
     h = client.get("/health").json()
-    assert h["status"] == "ok" and set(h) == {"status", "resident", "running", "queued"}
+    assert h["status"] == "ok" and set(h) == {"status", "resident", "running", "queued", "memory"}
+    assert h["memory"]["budget_bytes"] > 0 and h["memory"]["source"] in ("available at start",
+                                                                          "LANCE_MLX_AVAILABLE_MEMORY")
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
     assert [(m["id"], m["checkpoint"]) for m in models["data"]] == [("Lance_3B", "image"), ("Lance_3B_Video", "video")]

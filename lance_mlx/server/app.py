@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -21,6 +22,7 @@ from ..checkpoints import IMAGE_LLM_DIR, TASKS, VIDEO_LLM_DIR, checkpoint_kind_f
 from ..errors import InvalidRequestError, InvalidTypeError, LanceError
 from ..processing import OUTPUT_ASPECT_RATIOS, PRESETS, output_size
 from . import chat, schemas, views
+from .admission import Admission
 from .guard import BodyTooLarge, Guard, Signer, allowed_hosts, form_allowed, too_large
 from .history import History, StorageError
 from .jobs import Engine, Job, QueueFull, Unavailable
@@ -36,6 +38,10 @@ MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 64
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 HEARTBEAT_S = 4.0  # an event stream waiting in the queue sends a comment this often (httpx times out after 5 s)
 DISCONNECT_POLL_S = 0.5  # how often a waiting synchronous request checks that its client is still there
+MEDIA_WORKERS = 2  # request bodies with media decoded at once (each holds its decoded frames); more wait for a slot
+MEDIA_WAIT_S = 30.0  # longest wait for a decoding slot; then 429 with Retry-After
+MEDIA_FIELDS = ("image", "image[]", "input_reference", "image_reference", "video")
+JSON_ON_LOOP = 2**20  # JSON bodies up to this size are parsed on the event loop; larger ones in a thread
 INTERRUPTED = "the server stopped while this job was queued or running (restart, crash or kill)"
 
 
@@ -76,13 +82,15 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         for prefix in (".img_", ".video_"):  # partial writes of our jobs (media.atomic_output) a killed process left
             for stale in config.outputs.glob(prefix + "*.partial*"):
                 stale.unlink(missing_ok=True) if stale.is_file() else shutil.rmtree(stale, ignore_errors=True)
+        admission = await run_in_threadpool(Admission, config)  # before the worker starts: no model resident
         history = History(config.database)
         failed = history.fail_interrupted(INTERRUPTED)
         if failed:
             log.warning("marked %d interrupted job(s) failed", failed)
         engine = Engine(config, history, loader)
         engine.start()
-        state.update(history=history, engine=engine)
+        state.update(history=history, engine=engine, admission=admission,
+                     media_slots=anyio.CapacityLimiter(MEDIA_WORKERS))
         try:
             yield
         finally:
@@ -163,13 +171,16 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
                     values[key] = value
             return Fields(values, form=True), files
         if ctype in ("application/json", ""):
-            return schemas.parse_json(await request.body()), {}
+            raw = await request.body()
+            return (schemas.parse_json(raw) if len(raw) <= JSON_ON_LOOP
+                    else await run_in_threadpool(schemas.parse_json, raw)), {}
         raise ApiError(415, f"unsupported content type {ctype!r}: send application/json or multipart/form-data",
                        code="unsupported_media_type")
 
     def _submit(parsed: Parsed, preview: bool = False) -> Job:
         job = Job(parsed.object, parsed.request, parsed.settings, _model_name(parsed.request.checkpoint),
                   n=parsed.n, texts=parsed.texts, stop=parsed.stop, preview=preview)
+        state["admission"].check(job.request, engine().resident)
         engine().check_text(job)
         try:
             return engine().submit(job)
@@ -182,8 +193,27 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
                            code=e.reason["code"]) from None
 
     async def submit(parsed: Parsed, preview: bool = False) -> Job:
-        """Count the text's tokens and queue the job, off the event loop (a long text takes seconds to count)."""
+        """Check the request's memory, count its text's tokens and queue it, off the event loop (a long text takes
+        seconds to count)."""
         return await run_in_threadpool(_submit, parsed, preview)
+
+    async def parse(fn, fields: Fields, files: Dict[str, Upload], *args):
+        """`fn(fields, [files,] *args)` off the event loop; a body carrying media (uploads, data URLs, local paths)
+        takes one of MEDIA_WORKERS decoding slots, waiting at most MEDIA_WAIT_S for one (then 429)."""
+        call = (fn, fields, files, *args) if files is not None else (fn, fields, *args)
+        if not _carries_media(fields, files or {}):
+            return await run_in_threadpool(*call)
+        slots, acquired = state["media_slots"], False
+        with anyio.move_on_after(MEDIA_WAIT_S):
+            await slots.acquire()
+            acquired = True
+        if not acquired:
+            raise ApiError(429, "the server is busy decoding other uploads; retry later", "rate_limit_error",
+                           code="decoders_busy", headers={"Retry-After": str(int(MEDIA_WAIT_S))})
+        try:
+            return await run_in_threadpool(*call)
+        finally:
+            slots.release()
 
     async def finished(job: Job, request: Optional[Request] = None) -> Job:
         """Wait for the job's end; with `request`, cancel the job if its client goes away first (a closed curl or
@@ -237,7 +267,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
         reason = await run_in_threadpool(e.health) if e.degraded or not e.alive else None
         running = e.running
         out = {"status": "ok" if reason is None else "degraded", "resident": e.resident,
-               "running": running.id if running else None, "queued": e.queued}
+               "running": running.id if running else None, "queued": e.queued, "memory": state["admission"].summary}
         if reason is not None:  # 503: a load balancer or supervisor sees that jobs cannot run now, and why
             return JSONResponse({**out, "reason": reason}, status_code=503)
         return out
@@ -275,7 +305,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     @app.post("/v1/images/edits")
     async def image_edits(request: Request):
         fields, files = await body(request, form=True)
-        parsed = await run_in_threadpool(schemas.image_edit, fields, files, config)
+        parsed = await parse(schemas.image_edit, fields, files, config)
         return await image_result(parsed, request)
 
     async def image_result(parsed: Parsed, request: Request):
@@ -288,7 +318,7 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         fields, _ = await body(request)
-        parsed = await run_in_threadpool(chat.chat, fields, config)
+        parsed = await parse(chat.chat, fields, None, config)
         include_usage = isinstance(fields.values.get("stream_options"), dict) and bool(
             fields.values["stream_options"].get("include_usage"))
         job = await submit(parsed)
@@ -317,12 +347,12 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
             if not job.done.is_set():  # the client went away: stop generating for nobody
                 engine().cancel(job.id)
 
-    async def queue_job(request: Request, parse) -> Dict[str, Any]:
-        """Parse a job body with `parse` (off the event loop: it decodes media), queue it, answer its job object."""
+    async def queue_job(request: Request, parse_fn) -> Dict[str, Any]:
+        """Parse a job body with `parse_fn` (off the event loop: it decodes media), queue it, answer its job object."""
         fields, files = await body(request, form=True)
         preview = fields.boolean("preview")  # `preview` events on /v1/jobs/{id}/events (docs/steering.md)
         fields.values.pop("preview", None)
-        job = await submit(await run_in_threadpool(parse, fields, files, config), preview)
+        job = await submit(await parse(parse_fn, fields, files, config), preview)
         return job_object(job.record(), engine().position(job))
 
     @app.post("/v1/videos")
@@ -417,6 +447,16 @@ def create_app(config: ServerConfig, loader: Optional[Callable[[str], Any]] = No
 
     app.state.server = state
     return app
+
+
+def _carries_media(fields: Fields, files: Dict[str, Upload]) -> bool:
+    """Whether a body has input media to decode: an upload, a media field, or a chat part other than text."""
+    if files or any(name in fields.values for name in MEDIA_FIELDS):
+        return True
+    messages = fields.values.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(part, dict) and part.get("type") != "text" for m in messages if isinstance(m, dict)
+        for part in (m.get("content") if isinstance(m.get("content"), list) else ()))
 
 
 def _model_name(kind: str) -> str:

@@ -45,6 +45,7 @@ class ServerConfig:
     # what rewrites prompts of requests with enhance_prompt (serve.py --enhance-endpoint / --enhance-model);
     # None: upstream's LANCE_REWRITE_* variables as each job runs, else the loaded checkpoint
     enhancer: Optional["Enhancer"] = None
+    max_memory: Optional[int] = None  # bytes a job may peak at (server/admission.py); None: available at start
 
     def model_for(self, kind: str) -> str:
         """The folder or repo id to load the `kind` ("image" / "video") checkpoint from."""
