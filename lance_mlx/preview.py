@@ -156,3 +156,10 @@ class PreviewFile:
         else:
             save_image(frames[len(frames) // 2], self.path, meta, replace=replace)
         self.writes += 1
+
+
+def step_preview_url(step, max_side: int = 384) -> str:
+    """The fast preview of a step as a small JPEG data URL (the server's `preview` events); of a video its middle
+    frame (image-to-video's first frame is the given image, which does not change)."""
+    frames = step.preview("fast", max_side=max_side)
+    return jpeg_data_url(frames[len(frames) // 2] if isinstance(frames, list) else frames, max_side)

@@ -151,7 +151,9 @@ def test_bad_settings_stop_the_start(tmp_path, capsys, monkeypatch, flags, env, 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     out = tmp_path / "out"
-    assert cmd_serve.main(["--output-dir", str(out), "--port", str(H.free_port()), *flags]) == 2
+    with pytest.raises(SystemExit) as exited:  # cli.fail: the one line, exit 2
+        cmd_serve.main(["--output-dir", str(out), "--port", str(H.free_port()), *flags])
+    assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err
     assert not out.exists()  # nothing made, no lock taken, no port bound

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import server_helpers as H
+from lance_mlx.preview import step_preview_url
 from lance_mlx.server import jobs
 
 
@@ -71,7 +72,7 @@ def test_preview_events_are_small_and_rate_limited(tmp_path):
 
     step = sampler.Step(1, 30, 0.9, mx.zeros((48 * 64, 48)), (1, 48, 64), mx.zeros((48 * 64, 48)),
                         mx.zeros((48 * 64, 48)), 0.9)
-    assert _decode(jobs._preview_url(step)).size == (384, 288)
+    assert _decode(step_preview_url(step, jobs.PREVIEW_MAX_SIDE)).size == (384, 288)
 
     class Events:
         def __init__(self):

@@ -155,3 +155,17 @@ def _decode(row: sqlite3.Row) -> Dict[str, Any]:
         if out.get(c) is not None:
             out[c] = json.loads(out[c])
     return out
+
+
+def storage_reason(e: StorageError) -> Dict[str, str]:
+    """The {code, message} a storage failure fails a job and degrades the server with."""
+    return {"code": e.code, "message": str(e)}
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether an error (or what caused it) is a write that found the disk full."""
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import errno
 import gc
 import logging
 import math
@@ -19,7 +18,7 @@ from ..config import MAX_SEED
 from ..errors import InvalidRequestError, InvalidTypeError, LanceError, OutputError
 from ..media import SOFTWARE, check_free_space, estimate_output_bytes
 from ..tasks import ImageEdit, Request, TextToImage, Understand
-from .history import History, StorageError, storage_error
+from .history import History, StorageError, out_of_space, storage_error, storage_reason
 from .job import EventLog, Job  # noqa: F401  (EventLog: re-exported for the routes and tests)
 from .redact import redact
 from .settings import ServerConfig
@@ -133,7 +132,7 @@ class Engine:
             except StorageError as e:
                 self.degraded = {"code": e.code, "message": str(e)}
             except OSError as e:
-                self.degraded = _storage_reason(storage_error(e, "checking the output folder"))
+                self.degraded = storage_reason(storage_error(e, "checking the output folder"))
             else:
                 log.warning("storage works again: taking jobs")
                 self.degraded = None
@@ -162,7 +161,7 @@ class Engine:
             try:
                 self.history.add(job.record())
             except StorageError as e:
-                self.degraded = _storage_reason(e)
+                self.degraded = storage_reason(e)
                 raise Unavailable(self.degraded) from None
             self._pending.append(job)
             self._active[job.id] = job
@@ -294,11 +293,11 @@ class Engine:
                 return self._finish(job, "failed", {"code": "server_stopped", "message": STOPPED})
             return self._finish(job, "cancelled", None)
         except StorageError as e:
-            self.degraded = _storage_reason(e)
+            self.degraded = storage_reason(e)
             return self._finish(job, "failed", self.degraded)
         except OutputError as e:  # a write that hit a full disk degrades the server; a refused estimate does not
-            if _out_of_space(e):
-                self.degraded = _storage_reason(storage_error(e, "writing the output"))
+            if out_of_space(e):
+                self.degraded = storage_reason(storage_error(e, "writing the output"))
                 return self._finish(job, "failed", self.degraded)
             return self._finish(job, "failed", {"code": _snake(e), "message": str(e), "param": e.param})
         except LanceError as e:  # before OSError: a missing input or weights file is the request's / setup's
@@ -308,8 +307,8 @@ class Engine:
                 param = _text_param(job)
             return self._finish(job, "failed", {"code": code, "message": str(e), "param": param})
         except OSError as e:  # the disk failed under a write that is not ours to wrap (decoder, cache)
-            if _out_of_space(e):
-                self.degraded = _storage_reason(storage_error(e, "writing the output"))
+            if out_of_space(e):
+                self.degraded = storage_reason(storage_error(e, "writing the output"))
                 return self._finish(job, "failed", self.degraded)
             log.exception("job %s failed", job.id)
             return self._finish(job, "failed", {"code": "internal_error", "message": type(e).__name__})
@@ -331,7 +330,7 @@ class Engine:
         try:
             self._save_final(job)
         except StorageError as e:
-            self.degraded = _storage_reason(e)
+            self.degraded = storage_reason(e)
             self._drop_outputs(job)
             job.status, job.error = "failed", self.degraded
             if len(self._unsaved) < MAX_UNSAVED:
@@ -397,7 +396,10 @@ class Engine:
                                  "progress": job.progress})
                 if job.preview and time.monotonic() - last_preview >= PREVIEW_INTERVAL_S:
                     last_preview = time.monotonic()
-                    job.events.emit({"type": "preview", "index": i, "step": step.index, "image": _preview_url(step)})
+                    from ..preview import step_preview_url  # mlx: imported by the worker, not the HTTP side
+
+                    image = step_preview_url(step, PREVIEW_MAX_SIDE)
+                    job.events.emit({"type": "preview", "index": i, "step": step.index, "image": image})
                 self._check_cancel(job)
                 latents = step.latents
             job.events.emit({"type": "decode", "index": i})
@@ -479,28 +481,6 @@ class Engine:
             "input_ids"]) if text else 0
         job.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                      "total_tokens": prompt_tokens + completion}
-
-
-def _storage_reason(e: StorageError) -> Dict[str, str]:
-    return {"code": e.code, "message": str(e)}
-
-
-def _out_of_space(e: BaseException) -> bool:
-    """Whether an error (or what caused it) is a write that found the disk full."""
-    while e is not None:
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(e).lower():
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _preview_url(step) -> str:
-    """The fast preview of a step as a small JPEG data URL; of a video its middle frame (image-to-video's first
-    frame is the given image, which does not change)."""
-    from ..preview import jpeg_data_url
-
-    frames = step.preview("fast", max_side=PREVIEW_MAX_SIDE)
-    return jpeg_data_url(frames[len(frames) // 2] if isinstance(frames, list) else frames, PREVIEW_MAX_SIDE)
 
 
 def _text_param(job: Job) -> str:
