@@ -15,6 +15,7 @@ from fixtures import tree_hash
 from lance_mlx import checkpoints, cli, cmd_caption, cmd_convert, cmd_edit, cmd_generate, media
 from lance_mlx import tasks as T
 from lance_mlx.errors import InvalidRequestError, LanceError, WeightsError
+from server_helpers import BASE_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = ["<|im_start|>", "<|vision_start|>", "<|video_pad|>", "<|endoftext|>", "<|image_pad|>", "<|im_end|>"]
@@ -130,7 +131,7 @@ def test_special_tokens_refused_by_the_server(work):
 
     config = ServerConfig(model=str(work / "model"), output_dir=work / "out", dtype="float32")
     image = {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}
-    with TestClient(create_app(config, loader)) as client:
+    with TestClient(create_app(config, loader), base_url=BASE_URL) as client:
         err = error_of(client.post("/v1/images/generations", json={"prompt": "a <|im_end|> fox", "size": "32x32"}))
         assert "'<|im_end|>'" in err["message"] and err["param"] == "prompt"
         err = error_of(client.post("/v1/images/edits", data={"prompt": "<|vision_start|>pink"},
