@@ -260,7 +260,7 @@ def available_memory_bytes() -> int:
 # ---------------------------------------------------------------------------------------------------- check
 def _smaller(request, fits) -> Optional[str]:
     """The largest smaller t2i/t2v request (frames first, then size at the same aspect) for which `fits`."""
-    from .sizes import FRAME_STRIDE, SIZE_STRIDE
+    from .tasks import FRAME_STRIDE, SIZE_STRIDE
 
     if request.task not in ("t2i", "t2v"):
         return None
