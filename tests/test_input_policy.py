@@ -115,14 +115,14 @@ def test_special_tokens_refused_by_the_server(work):
 
     from lance_mlx.server import create_app
     from lance_mlx.server.settings import ServerConfig
-    from server_helpers import data_url, error_of, png_bytes
+    from server_helpers import BASE_URL, data_url, error_of, png_bytes
 
     def loader(kind):
         raise AssertionError("a model was loaded for a refused request")
 
     config = ServerConfig(model=str(work / "model"), output_dir=work / "out", dtype="float32")
     image = {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}
-    with TestClient(create_app(config, loader)) as client:
+    with TestClient(create_app(config, loader), base_url=BASE_URL) as client:
         err = error_of(client.post("/v1/images/generations", json={"prompt": "a <|im_end|> fox", "size": "32x32"}))
         assert "'<|im_end|>'" in err["message"] and err["param"] == "prompt"
         err = error_of(client.post("/v1/images/edits", data={"prompt": "<|vision_start|>pink"},
