@@ -179,7 +179,7 @@ class LanceConfig:
 
     latent_channels: int = 48  # VAE z_dim; one token per latent voxel (latent_patch_size 1 1 1) [sh]
     latent_patch_size: int = 1  # [sh] --latent_patch_size 1 1 1
-    max_latent_size: int = 64  # [sh] ⇒ table entry t*64*64 + h*64 + w; wider grids wrap (tasks.TABLE_ROWS)
+    max_latent_size: int = 64  # [sh] ⇒ table entry t*64*64 + h*64 + w; wider grids wrap (sizes.TABLE_ROWS)
     max_num_frames: int = 121  # [sh] ⇒ 121 // 4 + 1 = 31 latent frames in the 3-D position table
     # [wan] 2x2 patchify then three stride-2 stages; output sizes are multiples of it
     vae_spatial_stride: int = 16

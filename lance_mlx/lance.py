@@ -18,7 +18,7 @@ from .errors import InvalidRequestError
 from .llm import KVCache, Qwen2ForCausalLM, Rope, Routing, cache_arrays
 from .sampler import Step, Velocity
 from .sequence import TEXT_AND_VISION, Branch, Sequence, Split, attention_mask, generation_sequence
-from .tasks import check_latent_grid
+from .sizes import check_latent_grid
 
 __all__ = ["Lance", "LanceConfig", "TimestepEmbedder", "LatentPositionTable", "GenerationContext", "Velocity",
            "BranchState"]
@@ -61,7 +61,7 @@ class LatentPositionTable:
     float64 then float32; axis dims d, d, hidden - 2d with d = hidden // 3 made even; entry i of the table holds
     axis positions (i // size^2, i // size % size, i % size). Latent (t, h, w) takes entry t*size^2 + h*size + w
     whatever the grid's width (data_utils.py::get_flattened_position_ids_extrapolate_video), so a column past
-    `size` reads the next row's entry; only an index past the table is refused (tasks.check_latent_grid). Plain
+    `size` reads the next row's entry; only an index past the table is refused (sizes.check_latent_grid). Plain
     object (not a Module), so nothing here is a parameter.
     """
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DTYPES",
     "Components",
+    "Precision",
     "check_keys",
     "check_safetensors",
     "dtype_name",
@@ -55,6 +56,19 @@ def parse_dtype(name) -> mx.Dtype:
 
 def dtype_name(dtype: mx.Dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes a pipeline loads and computes in (`LancePipeline.from_pretrained`). `dtype`: the weights of the LLM
+    and ViT; `vae_dtype`: the VAE's (None: `dtype`); `compute_dtype`: what the LLM computes in (None: `dtype`;
+    "float32" over bfloat16 weights is faster on CPUs without a bf16 GEMM, `Lance.compute_dtype`); `rope_bf16`:
+    round the RoPE frequencies like upstream's bf16-cast buffer (None: when `dtype` is bfloat16)."""
+
+    dtype: str | mx.Dtype = "bfloat16"
+    vae_dtype: str | mx.Dtype | None = None
+    compute_dtype: str | mx.Dtype | None = None
+    rope_bf16: bool | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -99,35 +99,38 @@ class LancePipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_repo: Union[str, Path] = checkpoints.UPSTREAM_REPO, task: Optional[str] = None,
-                        *, dtype="bfloat16", vae_dtype=None, compute_dtype=None, rope_bf16: Optional[bool] = None,
-                        request: Optional[Request] = None, low_memory: bool = False,
-                        und_bits: Optional[int] = None, loras: Union[list, tuple] = ()) -> "LancePipeline":
+                        *, request: Optional[Request] = None, precision: Optional[loading.Precision] = None,
+                        low_memory: bool = False, und_bits: Optional[int] = None, loras: Union[list, tuple] = (),
+                        **precision_fields) -> "LancePipeline":
         """Load a model folder or hub repo id with the components `task` needs (t2i, t2v, i2v, image_edit,
         video_edit, x2t_image, x2t_video; default: the task of `request`, else t2i).
 
         Before any weights load, the folder is checked to hold the checkpoint the task needs (image weights for a
         video task are refused, naming the video checkpoint) and, with `request`, its text is checked against the
-        tokenizer's limit. `dtype` is the weights' dtype of the LLM and ViT; the VAE uses `vae_dtype` (default the
-        same); the LLM computes in `compute_dtype` (default: `dtype`; "float32" over bfloat16 weights is faster on
-        CPUs without a bf16 GEMM, `Lance.compute_dtype`); `rope_bf16` rounds RoPE frequencies like upstream's bf16
-        buffer (default: when dtype is bf16).
+        tokenizer's limit. `precision` (`loading.Precision`) holds the dtypes: `dtype` of the LLM and ViT weights
+        (default bfloat16), `vae_dtype` of the VAE (default the same), `compute_dtype` the LLM computes in
+        (default: `dtype`; "float32" over bfloat16 weights is faster on CPUs without a bf16 GEMM), `rope_bf16`
+        (RoPE frequencies rounded like upstream's bf16 buffer; default: when dtype is bf16). Its fields can also be
+        passed as keywords (`dtype="float32"`, `compute_dtype="float32"`), over `precision` when both are given.
         `low_memory` loads the LLM now and the ViT / VAE only for the phases that use them (see the class);
         `und_bits` (4 or 8) quantizes the understanding expert after loading, which changes results a little
         (docs/memory.md); the generation expert stays in `dtype`.
         `loras`: LoRA adapters to apply, each a path, "PATH:SCALE" or (path, scale) (docs/training.md); checked
         before any weights load.
         """
+        p = replace(precision or loading.Precision(), **precision_fields)
         task = task or (request.task if request is not None else "t2i")
         lora_specs = lora.check_lora_args([x if isinstance(x, str) else f"{x[0]}:{x[1]}" for x in loras or ()])
-        compute = None if compute_dtype is None else loading.parse_dtype(compute_dtype)  # before any download
+        compute = None if p.compute_dtype is None else loading.parse_dtype(p.compute_dtype)  # before any download
         files = checkpoints.resolve(path_or_repo, task)
         check_checkpoint(files.checkpoint, task, str(path_or_repo))
         if request is not None:
             count_text_tokens(loading.load_tokenizer(files.tokenizer_dir), request)
-        c = loading.load_components(files, task, dtype=dtype, vae_dtype=vae_dtype, rope_bf16=rope_bf16,
+        c = loading.load_components(files, task, dtype=p.dtype, vae_dtype=p.vae_dtype, rope_bf16=p.rope_bf16,
                                     low_memory=low_memory, und_bits=und_bits)
         c.model.compute_dtype = compute
-        loaders = loading.component_loaders(files, task, dtype, vae_dtype, rope_bf16, und_bits) if low_memory else None
+        loaders = (loading.component_loaders(files, task, p.dtype, p.vae_dtype, p.rope_bf16, und_bits)
+                   if low_memory else None)
         if loaders:
             load_model = loaders["model"]
             loaders["model"] = lambda: lora.apply_all(_computing_in(load_model(), compute), lora_specs)

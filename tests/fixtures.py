@@ -79,3 +79,12 @@ def tree_hash(root: Path) -> str:
         if p.is_file() and not p.is_symlink():
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def run_cli(cmd, argv, capsys):
+    """(exit code, stderr) of a command module's `main` run in-process, as the console script would exit."""
+    try:
+        code = cmd.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err

@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 
 import tiny_checkpoints as tiny
-from fixtures import tree_hash
+from fixtures import run_cli, tree_hash
 from lance_mlx import cmd_convert, conversion
 from lance_mlx.conversion import ConversionOptions, convert
 
@@ -18,14 +18,6 @@ from lance_mlx.conversion import ConversionOptions, convert
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
     return tiny.write_tiny_upstream_root(tmp_path_factory.mktemp("up_image"))
-
-
-def run_cli(argv, capsys):
-    try:
-        code = cmd_convert.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def one_line(err, *parts):
@@ -61,7 +53,7 @@ def _mlx_write_fails(monkeypatch, free_after):
 def test_disk_full_reported_by_mlx_is_one_line(image_root, tmp_path, monkeypatch, capsys):
     _mlx_write_fails(monkeypatch, free_after=0)
     dest = tmp_path / "out"
-    code, err = run_cli(["--model", image_root, "--out", dest, "--dtype", "float32"], capsys)
+    code, err = run_cli(cmd_convert, ["--model", image_root, "--out", dest, "--dtype", "float32"], capsys)
     assert code == 1
     line = one_line(err, f"no space left on {tmp_path}", "needs about 0.0", "GB", "nothing was saved")
     assert "out" in line and list(tmp_path.iterdir()) == []  # no destination, no staging folder
@@ -70,7 +62,7 @@ def test_disk_full_reported_by_mlx_is_one_line(image_root, tmp_path, monkeypatch
 def test_other_write_failures_are_one_line_too(image_root, tmp_path, monkeypatch, capsys):
     _mlx_write_fails(monkeypatch, free_after=10**12)  # room enough: an I/O error, not a full disk
     dest = tmp_path / "out"
-    code, err = run_cli(["--model", image_root, "--out", dest, "--dtype", "float32"], capsys)
+    code, err = run_cli(cmd_convert, ["--model", image_root, "--out", dest, "--dtype", "float32"], capsys)
     assert code == 1
     one_line(err, "conversion failed", "Unable to write", f"{dest} was left unchanged")
     assert list(tmp_path.iterdir()) == []
@@ -96,7 +88,8 @@ def test_a_real_disk_that_fills_up_while_converting(image_root, tmp_path, monkey
         if disk is None:  # no mount allowed here: MLX's failure injected instead
             _mlx_write_fails(monkeypatch, free_after=0)
         (tmp_path / "disk" / "mine.txt").write_text("keep me")
-        code, err = run_cli(["--model", image_root, "--out", tmp_path / "disk" / "out", "--dtype", "float32"], capsys)
+        argv = ["--model", image_root, "--out", tmp_path / "disk" / "out", "--dtype", "float32"]
+        code, err = run_cli(cmd_convert, argv, capsys)
         assert code == 1
         one_line(err, f"no space left on {tmp_path / 'disk'}", "needs about")
         assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["mine.txt"]
@@ -121,7 +114,7 @@ def test_a_destination_taken_while_converting_is_left_alone(force, image_root, t
     if force:  # an earlier conversion, which --force would replace; the user puts their own folder there
         convert(image_root, dest, options=ConversionOptions(dtype="float32"), progress=False, log=lambda m: None)
     _user_makes_folder_while_converting(monkeypatch, dest, replace_earlier=force)
-    code, err = run_cli(["--model", image_root, "--out", dest, *(["--force"] if force else [])], capsys)
+    code, err = run_cli(cmd_convert, ["--model", image_root, "--out", dest, *(["--force"] if force else [])], capsys)
     assert code == 1
     one_line(err, f"{dest} was created or changed", f"saved as {tmp_path / 'out-1'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out-1"]

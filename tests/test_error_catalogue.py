@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures import tree_hash
+from fixtures import run_cli, tree_hash
 from lance_mlx import SamplingParams, cmd_caption, cmd_convert, cmd_edit, cmd_generate, media
 from lance_mlx import tasks as T
 from lance_mlx.errors import InvalidRequestError, InvalidTypeError, LanceError, WeightsError
@@ -35,15 +35,6 @@ def work(tmp_path, monkeypatch):
     (tmp_path / "notes.json").write_text('{"mine": true}')
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def run_cli(cmd, argv, capsys):
-    """(exit code, stderr) of a command run in-process, as the console script would exit."""
-    try:
-        code = cmd.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def assert_refused(code, err, message, expected_code=2):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import tree_hash
+from fixtures import run_cli, tree_hash
 from lance_mlx import checkpoints, cli, cmd_caption, cmd_convert, cmd_edit, cmd_generate, media
 from lance_mlx import tasks as T
 from lance_mlx.errors import InvalidRequestError, LanceError, WeightsError
@@ -30,14 +30,6 @@ def work(tmp_path, monkeypatch):
     (tmp_path / "mine.txt").write_text("a user's file")
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def run_cli(cmd, argv, capsys):
-    try:
-        code = cmd.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def assert_one_line(code, err, *messages, expected_code=2):
@@ -124,7 +116,7 @@ def test_special_tokens_refused_by_the_server(work):
 
     from lance_mlx.server import create_app
     from lance_mlx.server.settings import ServerConfig
-    from server_helpers import data_url, error_of, png_bytes
+    from server_helpers import BASE_URL, data_url, error_of, png_bytes
 
     def loader(kind):
         raise AssertionError("a model was loaded for a refused request")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures import tree_hash
+from fixtures import run_cli, tree_hash
 from lance_mlx import cmd_generate, media, publish
 from lance_mlx.errors import OutputTakenError
 
@@ -219,14 +219,6 @@ def _save_while_denoising(monkeypatch, *paths):
     monkeypatch.setattr(cli, "run_steps", steps)
 
 
-def _run(argv, capsys):
-    try:
-        code = cmd_generate.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 def _one_error_line(err, free):
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: ") and str(free) in lines[-1] and "Traceback" not in err, err
@@ -237,7 +229,7 @@ def _one_error_line(err, free):
 def test_a_file_saved_under_out_during_the_run_survives(out, kind, converted, work, monkeypatch, capsys):
     _save_while_denoising(monkeypatch, work / out)
     size = VIDEO if kind == "video" else SIZE
-    code, err = _run(["--model", converted[kind]] + GEN + size + ["--out", out], capsys)
+    code, err = run_cli(cmd_generate, ["--model", converted[kind]] + GEN + size + ["--out", out], capsys)
     saved = Path(out).with_name(f"{Path(out).stem}-1{Path(out).suffix}")
     assert code == 1 and _user_file_intact(work / out)
     _one_error_line(err, saved)
@@ -246,7 +238,8 @@ def test_a_file_saved_under_out_during_the_run_survives(out, kind, converted, wo
 
 def test_a_file_saved_under_the_sidecar_name_survives(converted, work, monkeypatch, capsys):
     _save_while_denoising(monkeypatch, work / "x.png.json")
-    code, err = _run(["--model", converted["image"]] + GEN + SIZE + ["--out", "x.png", "--metadata-json"], capsys)
+    code, err = run_cli(cmd_generate, ["--model", converted["image"]] + GEN + SIZE
+                        + ["--out", "x.png", "--metadata-json"], capsys)
     assert code == 1 and _user_file_intact(work / "x.png.json")
     _one_error_line(err, "x.png-1.json")
     assert json.loads((work / "x.png-1.json").read_text())["output"] == "x.png"
@@ -255,8 +248,8 @@ def test_a_file_saved_under_the_sidecar_name_survives(converted, work, monkeypat
 
 def test_when_both_are_taken_the_sidecar_names_the_saved_output(converted, work, monkeypatch, capsys):
     _save_while_denoising(monkeypatch, work / "x.png", work / "meta.json")
-    code, err = _run(["--model", converted["image"]] + GEN + SIZE + ["--out", "x.png", "--metadata-json",
-                                                                      "meta.json"], capsys)
+    code, err = run_cli(cmd_generate, ["--model", converted["image"]] + GEN + SIZE
+                        + ["--out", "x.png", "--metadata-json", "meta.json"], capsys)
     assert code == 1 and _user_file_intact(work / "x.png") and _user_file_intact(work / "meta.json")
     _one_error_line(err, "x-1.png")
     assert "meta-1.json" in err.strip().splitlines()[-1]
@@ -265,9 +258,9 @@ def test_when_both_are_taken_the_sidecar_names_the_saved_output(converted, work,
 
 def test_force_never_replaces_a_file_saved_over_the_earlier_output(converted, work, monkeypatch, capsys):
     argv = ["--model", converted["image"]] + GEN + SIZE + ["--out", "x.png"]
-    assert _run(argv, capsys)[0] == 0 and media.is_own_output(work / "x.png")
+    assert run_cli(cmd_generate, argv, capsys)[0] == 0 and media.is_own_output(work / "x.png")
     _save_while_denoising(monkeypatch, work / "x.png")  # over the earlier output, which --force would replace
-    code, err = _run(argv + ["--force"], capsys)
+    code, err = run_cli(cmd_generate, argv + ["--force"], capsys)
     assert code == 1 and _user_file_intact(work / "x.png")
     _one_error_line(err, "x-1.png")
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lance_mlx import Lance, LancePipeline
+from lance_mlx.loading import Precision
 from lance_mlx.tasks import latent_grid
 
 
@@ -30,6 +31,18 @@ def test_bf16_load_rounds_rope_frequencies_like_upstream(root):
         .language_model.model.rope_bf16_inv_freq is False
     assert LancePipeline.from_pretrained(root, task="t2i", dtype="bfloat16", rope_bf16=False).model \
         .language_model.model.rope_bf16_inv_freq is False
+
+
+def test_precision_groups_the_dtype_keywords(root):
+    """`precision=Precision(...)` loads as its fields passed as keywords; a keyword overrides the same field."""
+    m = LancePipeline.from_pretrained(root, task="t2i", precision=Precision(dtype="bfloat16", rope_bf16=False,
+                                                                            compute_dtype="float32")).model
+    assert m.language_model.model.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16
+    assert m.language_model.model.rope_bf16_inv_freq is False and m.compute_dtype == mx.float32
+    m = LancePipeline.from_pretrained(root, task="t2i", precision=Precision(dtype="bfloat16"), dtype="float32").model
+    assert m.language_model.model.layers[0].mlp.up_proj.weight.dtype == mx.float32
+    with pytest.raises(TypeError, match="dtyp"):
+        LancePipeline.from_pretrained(root, task="t2i", dtyp="float32")
 
 
 def test_generate_image_is_sample_t2i_then_decode(root):
