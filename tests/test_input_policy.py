@@ -15,7 +15,6 @@ from fixtures import run_cli, tree_hash
 from lance_mlx import checkpoints, cli, cmd_caption, cmd_convert, cmd_edit, cmd_generate, media
 from lance_mlx import tasks as T
 from lance_mlx.errors import InvalidRequestError, LanceError, WeightsError
-from server_helpers import BASE_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = ["<|im_start|>", "<|vision_start|>", "<|video_pad|>", "<|endoftext|>", "<|image_pad|>", "<|im_end|>"]
