@@ -269,10 +269,12 @@ def generate_to_file(args, request, out: Path, encode_phase: str, metadata: dict
     `pipe.denoise(plan)`); distributed.py passes its own for runs over several ranks. `rewrite(pipe, request)`
     gives the request to generate once the pipeline is loaded (prompt enhancement with the checkpoint)."""
     from .config import OUTPUT_FPS
+    from .lora import check_lora_args
     from .media import SOFTWARE
 
     sidecar = sidecar_from_args(args) if role.writes else None
     preview = preview_from_args(args, request, out) if role.writes else None
+    check_lora_args(getattr(args, "lora", None) or ())  # before the memory check resolves --model (a download)
     size_known = hasattr(request, "latent_shape")  # t2i, t2v: checked before loading; the others after plan
     if role.writes and size_known:
         check_space(out, request.latent_shape)

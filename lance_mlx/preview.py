@@ -81,11 +81,12 @@ def preview_frames(step, mode: str = "fast", vae=None, max_side: Optional[int] =
     frame through the linear map, each token a 16x16 block; full, the VAE decode of the first latent frame."""
     check_mode(mode)
     if step.grid is None or step.x_t is None:
-        raise ValueError("this step carries no latent grid or prediction: it comes from sampler.denoise without grid")
+        raise InvalidRequestError("this step carries no latent grid or prediction: it comes from sampler.denoise "
+                                  "without grid")
     x0 = step.prediction()
     if mode == "full":
         if vae is None:
-            raise ValueError("a full preview decodes with the VAE: pass vae= (LancePipeline.preview does)")
+            raise InvalidRequestError("a full preview decodes with the VAE: pass vae= (LancePipeline.preview does)")
         frames = full_rgb(x0, step.grid, vae)
     else:
         frames = fast_rgb(x0, step.grid)

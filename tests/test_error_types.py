@@ -35,11 +35,13 @@ ALLOWED = {
     ("cli.py", "_raise_terminated", "Terminated"): (1, CONTROL + ": SIGTERM unwinding the stack"),
     ("cli.py", "_interval", "argparse.ArgumentTypeError"): (1, "argparse's type error: usage and exit 2"),
     ("server/jobs.py", "_check_cancel", "Cancelled"): (1, CONTROL + ": a cancelled job"),
+    ("train/loop.py", "_set", "KeyboardInterrupt"): (1, CONTROL + ": a second Ctrl-C stops training at once"),
     ("server/jobs.py", "_run", "Cancelled"): (1, CONTROL + ": a cancelled job"),
     ("server/jobs.py", "submit", "QueueFull"): (2, HTTP + ": 429"),
     ("server/guard.py", "counted", "BodyTooLarge"): (1, HTTP + ": 413"),
     ("server/jobs.py", "submit", "Unavailable"): (2, HTTP + ": 507 / 503 while the storage or the worker is down"),
     ("server/app.py", "*", "ApiError"): (None, HTTP),
+    ("server/admission.py", "check", "ApiError"): (1, HTTP + ": 400 insufficient_memory, naming what fits"),
     ("server/app.py", "*", "failure"): (None, HTTP + " (create_app's `failure` builds the ApiError of a failed job)"),
     ("server/history.py", "update", "KeyError"): (1, INTERNAL + " (column names are the server's)"),
     # boundaries that map to LanceError
@@ -267,7 +269,8 @@ def test_cli_and_server_map_errors_alike(cls, tmp_path, capsys):
     def loader(kind):
         raise cls("what went wrong")
 
-    config = ServerConfig(model=str(tmp_path / "model"), output_dir=tmp_path / "out", dtype="float32")
+    config = ServerConfig(model=str(tmp_path / "model"), output_dir=tmp_path / "out", dtype="float32",
+                          max_memory=2**50)  # no model there: the full-size estimate is not what this test is about
     with TestClient(create_app(config, loader), base_url=BASE_URL) as client:
         r = client.post("/v1/images/generations", json={"prompt": "a fox", "size": "32x32", "steps": 1})
     assert r.status_code == status and "what went wrong" in r.json()["error"]["message"], r.text

@@ -227,10 +227,11 @@ def test_convert_fuse_lora(upstream_root, saved_adapter, tmp_path):
 
 def test_serve_lora_flag(saved_adapter, tmp_path):
     from lance_mlx.cmd_serve import build_config, parse_args
+    from lance_mlx.errors import LanceError
 
     cfg = build_config(parse_args(["--lora", f"{saved_adapter}:0.5", "--output-dir", str(tmp_path)]))
     assert cfg.loras == (f"{saved_adapter}:0.5",)
-    with pytest.raises(SystemExit, match="no LoRA adapter"):
+    with pytest.raises(LanceError, match="no LoRA adapter"):  # serve.py's main: one line, exit 2
         build_config(parse_args(["--lora", str(tmp_path / "missing"), "--output-dir", str(tmp_path)]))
 
 

@@ -20,7 +20,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .. import lora as L
-from ..errors import InvalidRequestError
+from ..errors import GenerationError, InvalidRequestError
 from . import data as D
 from . import objective as O
 
@@ -222,7 +222,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 if not math.isfinite(rec["loss"]):
                     self.save_checkpoint()
-                    raise FloatingPointError(f"the loss became {rec['loss']} at step {self.step}; lower --lr")
+                    raise GenerationError(f"the loss became {rec['loss']} at step {self.step}; lower --lr")
                 rec = {"step": self.step, **{k: round(v, 6) for k, v in rec.items()}, "s_per_step": round(dt, 3)}
                 self._log_line(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", s_step=f"{dt:.2f}")
