@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +90,17 @@ def run_cli(cmd, argv, capsys):
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def small_disk(path, size="64k", read_only=False):
+    """A tmpfs of `size` at `path` (None when the machine does not allow mounting). Unmounted lazily, so a server
+    still holding a file there does not fail the test's clean-up."""
+    path.mkdir()
+    opts = f"size={size}" + (",ro" if read_only else "")
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode == 0
+    try:
+        yield path if ok else None
+    finally:
+        if ok:
+            subprocess.run(["umount", "-l", str(path)], check=True)

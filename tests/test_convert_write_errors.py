@@ -1,16 +1,14 @@
 """convert.py when writing fails: a disk that fills up mid-write (MLX reports it as a RuntimeError) and a
 destination taken while converting. One line, exit 1, the staging folder removed, nothing of the user's touched."""
 
-import contextlib
 import json
 import shutil
-import subprocess
 
 import mlx.core as mx
 import pytest
 
 import tiny_checkpoints as tiny
-from fixtures import run_cli, tree_hash
+from fixtures import run_cli, small_disk, tree_hash
 from lance_mlx import cmd_convert, conversion
 from lance_mlx.conversion import ConversionOptions, convert
 
@@ -67,18 +65,6 @@ def test_other_write_failures_are_one_line_too(image_root, tmp_path, monkeypatch
     one_line(err, "conversion failed", "Unable to write", f"{dest} was left unchanged")
     assert list(tmp_path.iterdir()) == []
 
-
-@contextlib.contextmanager
-def small_disk(path, size):
-    """A tmpfs of `size` at `path` (None when the machine does not allow mounting)."""
-    path.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                        capture_output=True).returncode == 0
-    try:
-        yield path if ok else None
-    finally:
-        if ok:
-            subprocess.run(["umount", str(path)], check=True)
 
 
 def test_a_real_disk_that_fills_up_while_converting(image_root, tmp_path, monkeypatch, capsys):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures import run_cli, tree_hash
+from fixtures import run_cli, small_disk, tree_hash
 from lance_mlx import SamplingParams, cmd_caption, cmd_convert, cmd_edit, cmd_generate, media
 from lance_mlx import tasks as T
 from lance_mlx.errors import InvalidRequestError, InvalidTypeError, LanceError, WeightsError
@@ -47,18 +47,6 @@ def assert_refused(code, err, message, expected_code=2):
 def no_partials(root):
     return [p for p in root.rglob("*") if ".partial" in p.name or p.name.endswith(".old")] == []
 
-
-@contextlib.contextmanager
-def small_disk(path, size="64k", read_only=False):
-    """A tmpfs of `size` at `path` (None when the machine does not allow mounting)."""
-    path.mkdir()
-    opts = f"size={size}" + (",ro" if read_only else "")
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode == 0
-    try:
-        yield path if ok else None
-    finally:
-        if ok:
-            subprocess.run(["umount", str(path)], check=True)
 
 
 # ----------------------------------------------------------------------------------------------- model folder

@@ -4,12 +4,12 @@ degraded and why, streams end, and once the storage works again the same process
 import contextlib
 import os
 import sqlite3
-import subprocess
 import time
 
 import pytest
 
 import server_helpers as H
+from fixtures import small_disk
 from server_helpers import error_of, sse_json
 
 FULL = "database or disk is full"
@@ -131,17 +131,6 @@ def test_a_bug_in_the_error_handling_does_not_stop_the_worker(served, monkeypatc
     assert client.post("/v1/images/generations", json={"prompt": "x", **H.FAST}).status_code == 200
 
 
-@contextlib.contextmanager
-def small_disk(path, size):
-    path.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                        capture_output=True).returncode == 0
-    try:
-        yield ok
-    finally:
-        if ok:
-            subprocess.run(["umount", "-l", str(path)], check=True)
-
 
 def fill(folder):
     """Write a file until the disk is full; returns it."""
@@ -160,8 +149,8 @@ def fill(folder):
 
 def test_full_disk_then_freed(upstream_root, tmp_path):
     """A real full disk (a small tmpfs): the server degrades, then takes jobs again once space is freed."""
-    with small_disk(tmp_path / "disk", "24m") as ok:
-        if not ok:
+    with small_disk(tmp_path / "disk", "24m") as disk:
+        if disk is None:
             pytest.skip("mount is not allowed here (the injected-failure tests cover the same paths)")
         client, _ = H.make_client(upstream_root, tmp_path / "disk" / "out")
         with client:
