@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import mlx.core as mx
 from mlx import nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from .errors import InvalidRequestError, WeightsError
 
@@ -21,6 +22,45 @@ QUANT_EXPERTS = ("all", "und", "gen")
 # time_embedder), the ViT and the VAE.
 _QUANT_PATH = re.compile(r"^language_model\.model\.layers\.\d+\."
                          r"(self_attn\.[qkvo]_proj(?P<g1>_moe_gen)?|mlp(?P<g2>_moe_gen)?\.(gate|up|down)_proj)$")
+
+
+# MLX's CPU kernel for quantized matmuls costs time in proportion to the rows it multiplies, while dequantizing the
+# weight once and calling BLAS costs about the same for 1 or 300 rows. bench/quantized_matmul.py measures the crossing
+# for a 2048 -> 11008 projection, 4-bit (docs/performance.md; OpenBLAS, 2 cores): float32 inputs between 8 and 16
+# rows (8: 216 ms fused, 277 ms dequantized; 16: 462 / 288 ms; 309 rows, a 256² training sequence: 8.6 s / 0.52 s),
+# bfloat16 inputs from 2 rows (330 / 245 ms). Apple GPUs keep the fused kernel, which is fast there.
+CPU_DEQUANTIZE_MIN_ROWS = {mx.float32: 12}
+CPU_DEQUANTIZE_MIN_ROWS_OTHER = 2
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear that, on the CPU and for enough rows, multiplies through its dequantized weight.
+
+    The weight is dequantized with float32 scales and biases, so the product equals the fused kernel's up to float32
+    summation order (tests/test_quantize.py); the dequantized copy is a temporary of one layer. Only the affine mode
+    that quantize_lance writes takes this route."""
+
+    def _dequantize_first(self, x: mx.array) -> bool:
+        if self.mode != "affine" or mx.default_device() != mx.cpu or x.ndim == 0:
+            return False
+        rows = x.size // max(x.shape[-1], 1)
+        return rows >= CPU_DEQUANTIZE_MIN_ROWS.get(x.dtype, CPU_DEQUANTIZE_MIN_ROWS_OTHER)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self._dequantize_first(x):
+            return super().__call__(x)
+        w = mx.dequantize(self["weight"], self["scales"].astype(mx.float32), self["biases"].astype(mx.float32),
+                          group_size=self.group_size, bits=self.bits)
+        y = x @ w.astype(x.dtype).T
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+def _quantized(module: nn.Module, group_size: int, bits: int) -> nn.Module:
+    if isinstance(module, nn.Linear):
+        return QuantizedLinear.from_linear(module, group_size, bits)
+    return module.to_quantized(group_size=group_size, bits=bits)
 
 
 def check_quantization(q: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -84,7 +124,10 @@ def quantize_lance(model: nn.Module, quantization: dict[str, Any], weights: dict
     if bits not in QUANT_BITS + (2, 3, 5, 6):
         # only reachable with `weights`: the bit width comes from the folder's config.json
         raise WeightsError(f"unsupported quantization bit width {bits!r} in the model config")
-    nn.quantize(model, group_size=group, bits=bits, class_predicate=pred)
+    # as nn.quantize, with this module's QuantizedLinear for the linear layers
+    leaves = tree_map_with_path(lambda path, m: _quantized(m, group, bits) if pred(path, m) else m,
+                                model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
 
 
 def weight_bytes(model: nn.Module) -> int:
