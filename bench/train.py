@@ -20,7 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FULL_LAYERS, build  # noqa: E402
+from common import FULL_LAYERS, blas_line, build, load_line  # noqa: E402
 
 from lance_mlx import lora as L  # noqa: E402
 from lance_mlx.cli import add_dtype_args  # noqa: E402
@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     print(f"device {mx.default_device()}, {args.layers} layers, weights {args.dtype}, activations "
           f"{args.compute_dtype or args.dtype}, rank {args.rank}, batch 1")
+    print(blas_line())
     print("| resolution | tokens | checkpointing | base bits | weights GB | peak GB | s/step |")
     print("|---|---|---|---|---|---|---|")
     for res in (int(r) for r in args.resolutions.split(",")):
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
                 r = run_case(args, res, ck, bits)
                 print(f"| {res}² | {r['tokens']} | {'on' if ck else 'off'} | {r['bits']} | {r['weights_gb']:.2f} | "
                       f"{r['peak_gb']:.2f} | {r['s_step']:.2f} |", flush=True)
+    print(f"- {load_line()} at the end")
     return 0
 
 
