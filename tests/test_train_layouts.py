@@ -72,7 +72,8 @@ def features_of(golden, tok, item, task):
     from lance_mlx.train import data as D
 
     f = D.text_features(item, tok)
-    shape, vit_grid = tuple(int(v) for v in golden["inputs/latent_grid"]), tuple(int(v) for v in golden["inputs/vit_grid"])
+    shape = tuple(int(v) for v in golden["inputs/latent_grid"])
+    vit_grid = tuple(int(v) for v in golden["inputs/vit_grid"])
     zeros = mx.zeros((int(np.prod(shape)), 48))
     if task in ("t2i", "edit"):
         f.target_mu, f.target_log_var, f.shape = zeros, zeros, shape

@@ -152,7 +152,10 @@ def open_image(src: Union[Path, bytes], where: str = "image"):
         return P.load_image(src)
     except FileNotFoundError:
         raise InputNotFoundError(f"training image {where} does not exist", param="data") from None
-    except (ValueError, OSError, UnidentifiedImageError) as e:
+    except UnidentifiedImageError:
+        raise InvalidRequestError(f"training image {where} is not an image file that can be read", param="data") \
+            from None
+    except (ValueError, OSError) as e:
         raise InvalidRequestError(f"training image {where}: {e}", param="data") from None
 
 

@@ -46,7 +46,7 @@ def _check_types(path: Path, schema, cols) -> None:
 def _text(path: Path, n: int, value, column: str, required: bool = True) -> Optional[str]:
     if value is None or not value.strip():
         if required:
-            raise InvalidRequestError(f"{path} row {n}: empty {column}", param="data")
+            raise InvalidRequestError(f"{path} row{n:06d}: empty {column}", param="data")
         return None
     return value
 
@@ -63,7 +63,7 @@ def read_parquet(path, task: str) -> List[Dict]:
     cols = PARQUET_COLUMNS[task]
     missing = [c for c in cols if c not in schema.names]
     if missing:
-        raise InvalidRequestError(f"{path} lacks the column(s) {', '.join(missing)} (a {task} parquet needs "
+        raise InvalidRequestError(f"{path} lacks the column(s) {', '.join(missing)} (the {task} parquet format needs "
                                   f"{', '.join(cols)}, as upstream's train_dataset.md)", param="data")
     _check_types(path, schema, cols)
     try:
