@@ -196,6 +196,7 @@ def test_cli_end_to_end(upstream_root, tmp_path, capsys):
     assert main(common + ["--steps", "2", "--validate-every", "2", "--validation-prompt", "a cat",
                           "--validation-steps", "2"]) == 0
     assert (out / "validation" / "step_0000002_0.png").is_file()
+    assert (out / "validation" / "step_0000002.png").is_file()  # the step's grid
     assert (out / "adapter_config.json").is_file() and len(_losses(out)) == 2
     assert main(common + ["--steps", "3", "--resume"]) == 0
     assert len(_losses(out)) == 3
