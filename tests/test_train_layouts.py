@@ -183,3 +183,23 @@ def test_generation_system_prompts_are_fixed(tok):
     heads = {tuple(D.build_example(f, "t2i", random.Random(s), mx.random.key(s), 0.0).seq.input_ids[:40])
              for s in range(8)}
     assert len(heads) == 1
+
+
+def test_manifest_system_prompt(golden, tok, tmp_path):
+    """A JSONL i2t row's "system" is the item's system prompt, like a parquet row's caption_i."""
+    import json
+
+    import mlx.core as mx
+    from PIL import Image
+
+    from lance_mlx.train import data as D
+
+    Image.new("RGB", (84, 56), "green").save(tmp_path / "a.png")
+    inp = (lambda k: str(golden[f"inputs/{k}"]))
+    row = {"image": "a.png", "answer": inp("caption_a"), "question": inp("caption_q"), "system": inp("caption_i")}
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(dict(row, system="  ")) + "\n")
+    items = D.find_items(tmp_path / "m.jsonl", "i2t")
+    assert [i.system for i in items] == [inp("caption_i"), None]
+    ex = D.build_example(features_of(golden, tok, items[0], "i2t"), "i2t", random.Random(0), mx.random.key(0),
+                         prompts=D.understanding_prompts(tok))
+    check_layout(golden, "i2t_q", ex)
