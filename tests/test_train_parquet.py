@@ -39,6 +39,10 @@ def test_i2t_rows_as_upstream_reads_them(tmp_path):
         ("row000000", "Describe the image.", None, "Two cats on a sofa."),
         ("row000001", "Answer briefly.", "How many cats?", "Two.\n")]
     assert D.open_image(items[1].image).size == (56, 40)
+    # line breaks opening caption_i / caption_a would merge with the template's "\n" in upstream's tokenization
+    items = D.find_items(write(tmp_path / "w.parquet", i2t_columns(caption_i=["\n Look.", "  Look."],
+                                                                    caption_a=[" \nTwo cats.", "\r\nTwo."])), "i2t")
+    assert [(i.system, i.text) for i in items] == [("Look.", "Two cats."), ("  Look.", "Two.")]
     # an empty caption_i: our default prompts (question-answering / caption) instead of an empty system turn
     items = D.find_items(write(tmp_path / "v.parquet", i2t_columns(caption_i=["", None])), "i2t")
     assert [i.system for i in items] == [None, None]

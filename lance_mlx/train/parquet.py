@@ -51,10 +51,21 @@ def _text(path: Path, n: int, value, column: str, required: bool = True) -> Opti
     return value
 
 
+def _after_newline(text: Optional[str]) -> Optional[str]:
+    """A text the template puts right after a line break ("system\n", "assistant\n"), without leading white space
+    when that holds a line break: upstream tokenizes the rendered template as a whole, where such breaks would merge
+    with the template's (and its "assistant\n" search then fails and the row is skipped); other text stays as is."""
+    if text is None:
+        return None
+    head = text[:len(text) - len(text.lstrip())]
+    return text.lstrip() if ("\n" in head or "\r" in head) else text
+
+
 def read_parquet(path, task: str) -> List[Dict]:
     """Rows of an upstream-format local parquet file as Item fields (name, text, image, target, question, system),
     media as bytes. t2i / edit captions are stripped (upstream's TextCleaner); i2t texts are kept as written, as
-    upstream renders them (its x2t reader cleans none of caption_i / caption_q / caption_a)."""
+    upstream renders them (its x2t reader cleans none of caption_i / caption_q / caption_a), but for line breaks
+    at the start of caption_i / caption_a (`_after_newline`)."""
     path = Path(path)
     if task not in PARQUET_COLUMNS:
         raise InvalidRequestError(f"parquet data is supported for {', '.join(PARQUET_COLUMNS)}, not {task}",
@@ -78,9 +89,9 @@ def read_parquet(path, task: str) -> List[Dict]:
             raise InvalidRequestError(f"{path} {name}: no image in {', '.join(media)}", param="data")
         if task == "i2t":
             # upstream: caption_q "" means no question; an empty caption_i falls back to our default prompts
-            out.append(dict(name=name, text=_text(path, n, row["caption_a"], "caption_a"), image=row["image_bytes"],
-                            question=row["caption_q"] or None,
-                            system=_text(path, n, row["caption_i"], "caption_i", required=False)))
+            out.append(dict(name=name, text=_after_newline(_text(path, n, row["caption_a"], "caption_a")),
+                            image=row["image_bytes"], question=row["caption_q"] or None,
+                            system=_after_newline(_text(path, n, row["caption_i"], "caption_i", required=False))))
             continue
         text = _text(path, n, row["caption"], "caption").strip()
         if task == "t2i":
