@@ -3,8 +3,9 @@ t2i, image edit and i2t rows (tests/golden/golden_train_layouts.npz, tests/golde
 
 Upstream facts pinned here (bytedance/Lance at 4baeee08):
 - token order: t2i USER = [caption], ASSISTANT = [target]; edit USER = [ViT block, conditioning latents,
-  instruction] (dataset_x2v_interleave.py rotates the text to the end); i2t USER = [ViT block, question],
-  ASSISTANT = [answer] (dataset_x2t_interleave.py); template data/system_prompt_render.py, rendered then stripped;
+  instruction] (dataset_x2v_interleave.py rotates the text to the end), the source in its own aspect bucket;
+  i2t USER = [ViT block, question], ASSISTANT = [answer] (dataset_x2t_interleave.py); template
+  data/system_prompt_render.py, rendered then stripped;
 - system prompts: t2i generate_system_prompt("t2v", "image") (t2i_local.yaml sets no sample_task), edit
   generate_system_prompt("edit", "image"), neither sampled; i2t the row's caption_i (data/common.py);
 - drops: text (TEXT_COND_DROPOUT_PROB) leaves the caption / instruction out, nothing in its place; the ViT drop
@@ -25,7 +26,8 @@ from fixtures import GOLDEN
 CASES = {  # name -> (task, text drop, vision drop): a drop probability of 1 always drops, 0 never
     "t2i": ("t2i", 0.0, 0.0), "t2i_droptext": ("t2i", 1.0, 0.0),
     "edit": ("edit", 0.0, 0.0), "edit_droptext": ("edit", 1.0, 0.0), "edit_dropvision": ("edit", 0.0, 1.0),
-    "edit_dropboth": ("edit", 1.0, 1.0), "i2t_q": ("i2t", 0.0, 0.0), "i2t_noq": ("i2t", 0.0, 0.0),
+    "edit_dropboth": ("edit", 1.0, 1.0), "edit_aspect": ("edit", 0.0, 0.0), "i2t_q": ("i2t", 0.0, 0.0),
+    "i2t_noq": ("i2t", 0.0, 0.0),
 }
 
 
@@ -65,8 +67,9 @@ def item_of(golden, name):
     return Item(name, inp("caption" if task == "t2i" else "instruction"), b"")
 
 
-def features_of(golden, tok, item, task):
-    """An item's features with zero latents / ViT features on the golden grids (only the layout matters)."""
+def features_of(golden, tok, item, task, name=""):
+    """An item's features with zero latents / ViT features on the golden grids (only the layout matters); case
+    `edit_aspect`: a pair whose source and target fall in different aspect buckets."""
     import mlx.core as mx
 
     from lance_mlx.train import data as D
@@ -79,6 +82,9 @@ def features_of(golden, tok, item, task):
         f.target_mu, f.target_log_var, f.shape = zeros, zeros, shape
     if task == "edit":
         f.source_mu, f.source_log_var = zeros, zeros
+    if name == "edit_aspect":
+        f.source_shape, f.shape = shape, tuple(int(v) for v in golden["inputs/edit_aspect_target_grid"])
+        f.target_mu = f.target_log_var = mx.zeros((int(np.prod(f.shape)), 48))
     if task in ("edit", "i2t"):
         f.vit, f.vit_grid = mx.zeros((int(np.prod(vit_grid)), 8)), vit_grid
     return f
@@ -135,7 +141,7 @@ def test_examples_match_upstream_training_data(golden, tok, name):
     from lance_mlx.train import data as D
 
     task, text_drop, vision_drop = CASES[name]
-    f = features_of(golden, tok, item_of(golden, name), task)
+    f = features_of(golden, tok, item_of(golden, name), task, name)
     ex = D.build_example(f, task, random.Random(0), mx.random.key(0), text_drop, vision_drop,
                          D.understanding_prompts(tok) if task == "i2t" else None)
     check_layout(golden, name, ex)
@@ -203,3 +209,35 @@ def test_manifest_system_prompt(golden, tok, tmp_path):
     ex = D.build_example(features_of(golden, tok, items[0], "i2t"), "i2t", random.Random(0), mx.random.key(0),
                          prompts=D.understanding_prompts(tok))
     check_layout(golden, "i2t_q", ex)
+
+
+def test_edit_pair_of_two_aspects_trains(tmp_path):
+    """A source and target in different aspect buckets are cached with their own grids (the features cache keeps
+    the source's; an older cache without it reads as the target's) and give a finite loss on the tiny model."""
+    import json
+
+    import mlx.core as mx
+    from PIL import Image
+
+    from lance_mlx.train import data as D
+    from lance_mlx.train import objective as O
+    from tiny_checkpoints import tiny_pipeline
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 96, 3), dtype=np.uint8)).save(tmp_path / "a.png")  # wide source
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a_target.png")
+    (tmp_path / "a.txt").write_text("make it square")
+    pipe = tiny_pipeline()
+    f = D.cache_features(D.find_items(tmp_path, "edit"), "edit", pipe, tmp_path / "cache", 128, 112)[0]
+    assert f.source_shape != f.shape and f.source_mu.shape[0] == int(np.prod(f.source_shape))
+    ex = D.build_example(f, "edit", random.Random(0), mx.random.key(0), 0.0, 0.0)
+    cond = [s for s in ex.seq.splits if s.attn == "full_noise"]
+    assert [s.grid for s in cond] == [f.source_shape] and ex.seq.splits[ex.seq.noise_index].grid == f.shape
+    r = O.losses(pipe.model, O.pack(pipe.model, [ex], [O.draw(ex, mx.random.key(1))]))
+    assert np.isfinite(float(r.loss.item())) and r.mse_tokens == int(np.prod(f.shape))
+
+    path = next((tmp_path / "cache").glob("*.safetensors"))
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    del meta["source_shape"]
+    mx.save_safetensors(str(path), arrays, metadata=meta)
+    assert D.load_features(path).source_shape is None and json.loads(meta["shape"]) == list(f.shape)

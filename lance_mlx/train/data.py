@@ -33,7 +33,6 @@ from ..sequence import (
     SYSTEM_PROMPT_IDS,
     caption_system_prompts,
     chat_sequence,
-    edit_sequence,
     generation_sequence,
     latent_split,
     system_prompt_ids,
@@ -213,6 +212,7 @@ class Features:
     vit_grid: Optional[tuple] = None  # merged grid
     question_ids: Optional[np.ndarray] = None
     system_ids: Optional[np.ndarray] = None  # i2t: the item's own system prompt
+    source_shape: Optional[tuple] = None  # edit: latent grid of the source (None: the target's)
 
     @property
     def bucket(self) -> tuple:
@@ -235,12 +235,9 @@ def encode_item(item: Item, task: str, pipe, resolution: int, vit_resolution: in
     if task in ("edit", "i2t"):
         src = open_image(item.image)
         if task == "edit":
-            f.source_mu, f.source_log_var, shape = _posterior(pipe.component("vae"),
-                                                              P.prepare_vae_pixels([src], resolution))
-            if shape != f.shape:
-                raise InvalidRequestError(f"the pair {item.name} falls in two different aspect buckets "
-                                          f"({shape[1] * 16}x{shape[2] * 16} vs {f.shape[1] * 16}x{f.shape[2] * 16});"
-                                          f" give the pair the same aspect ratio", param="data")
+            # the source takes its own aspect bucket, which may differ from the target's (as upstream's)
+            f.source_mu, f.source_log_var, f.source_shape = _posterior(pipe.component("vae"),
+                                                                       P.prepare_vae_pixels([src], resolution))
         from ..conditioning import vit_embeddings
 
         patches, grid = P.prepare_vit_patches([src], vit_resolution, is_image=True)
@@ -264,7 +261,7 @@ def save_features(f: Features, path: Path) -> None:
     for k in ("question_ids", "system_ids"):
         if getattr(f, k) is not None:
             arrays[k] = mx.array(getattr(f, k).astype(np.int32))
-    meta = {"shape": json.dumps(f.shape), "vit_grid": json.dumps(f.vit_grid)}
+    meta = {k: json.dumps(getattr(f, k)) for k in ("shape", "vit_grid", "source_shape")}
     tmp = path.with_name(f".{path.name}.tmp.safetensors")
     mx.save_safetensors(str(tmp), arrays, metadata=meta)
     tmp.replace(path)
@@ -273,6 +270,7 @@ def save_features(f: Features, path: Path) -> None:
 def load_features(path: Path) -> Features:
     arrays, meta = mx.load(str(path), return_metadata=True)
     shape, grid = json.loads(meta["shape"]), json.loads(meta["vit_grid"])
+    source = json.loads(meta.get("source_shape", "null"))  # caches written before it: the target's grid
     q, sp = arrays.get("question_ids"), arrays.get("system_ids")
     return Features(text_ids=np.asarray(arrays["text_ids"]).astype(np.int64),
                     target_mu=arrays.get("target_mu"), target_log_var=arrays.get("target_log_var"),
@@ -280,7 +278,8 @@ def load_features(path: Path) -> Features:
                     source_log_var=arrays.get("source_log_var"), vit=arrays.get("vit"),
                     vit_grid=tuple(grid) if grid else None,
                     question_ids=None if q is None else np.asarray(q).astype(np.int64),
-                    system_ids=None if sp is None else np.asarray(sp).astype(np.int64))
+                    system_ids=None if sp is None else np.asarray(sp).astype(np.int64),
+                    source_shape=tuple(source) if source else None)
 
 
 def cache_features(items: Sequence[Item], task: str, pipe, cache_dir: Path, resolution: int,
@@ -349,15 +348,11 @@ def build_example(f: Features, task: str, rng: random.Random, key: mx.array, tex
             seq = generation_sequence("t2i", f.text_ids, f.shape, system_ids=T2I_TRAIN_SYSTEM_IDS)
     else:
         drop_vision = rng.random() < vision_drop
-        if drop_text or drop_vision:
-            user = [] if drop_vision else [vit_split(f.vit_grid, f.vit), latent_split(f.shape, "cond", _sample(
-                f.source_mu, f.source_log_var, k_source))]
-            user += [] if drop_text else [f.text_ids]
-            seq = chat_sequence(system_prompt_ids("image_edit"), user, [latent_split(f.shape, "target")],
-                                prompt_ids=None if drop_text else f.text_ids)
-        else:
-            seq = edit_sequence(f.text_ids, f.vit_grid, f.shape, vit_data=f.vit,
-                                cond_data=_sample(f.source_mu, f.source_log_var, k_source))
+        source = latent_split(f.source_shape or f.shape, "cond", _sample(f.source_mu, f.source_log_var, k_source))
+        user = [] if drop_vision else [vit_split(f.vit_grid, f.vit), source]
+        user += [] if drop_text else [f.text_ids]
+        seq = chat_sequence(system_prompt_ids("image_edit"), user, [latent_split(f.shape, "target")],
+                            prompt_ids=None if drop_text else f.text_ids)
     seq.splits[seq.noise_index].data = x0
     return Example(seq)
 
