@@ -113,3 +113,20 @@ def test_the_errors_are_lance_errors(tmp_path):
         D.find_items(write(tmp_path / "b.parquet", i2t_columns(caption_a=[b"x", b"y"])), "i2t")
     with pytest.raises(InputNotFoundError):
         D.find_items(tmp_path / "missing.parquet", "i2t")
+
+
+def test_i2t_parquet_trains_end_to_end(upstream_root, tmp_path):
+    """lance-mlx-train --task i2t on upstream's parquet: cached with the rows' system prompts, one step, an adapter."""
+    import json
+
+    from lance_mlx.train import data as D
+    from lance_mlx.train.cli import main
+
+    data = write(tmp_path / "u.parquet", i2t_columns())
+    out = tmp_path / "run"
+    assert main(["--task", "i2t", "--data", str(data), "--out", str(out), "--model", str(upstream_root),
+                 "--dtype", "float32", "--resolution", "128", "--rank", "2", "--warmup", "1", "--steps", "1"]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+    assert np.isfinite(json.loads((out / "loss.jsonl").read_text().splitlines()[0])["ce"])
+    cached = sorted((out / "cache").rglob("*.safetensors"))
+    assert len(cached) == 2 and all(D.load_features(p).system_ids is not None for p in cached)
