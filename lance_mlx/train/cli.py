@@ -38,8 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, type=Path,
-                   help="folder of images + same-named .txt (edit: NAME.png, NAME_target.png, NAME.txt) or a JSONL "
-                        "manifest (docs/training.md)")
+                   help="folder of images + same-named .txt (edit: NAME.png, NAME_target.png, NAME.txt), a JSONL "
+                        "manifest or an upstream-format .parquet file (docs/training.md)")
     d.add_argument("--task", default="t2i", choices=D.TASKS, help="t2i (default), edit or i2t (image understanding)")
     d.add_argument("--resolution", type=int, default=S.resolution,
                    help=f"training area resolution² in aspect buckets (default {S.resolution}; upstream trains at 768)")
@@ -167,13 +167,14 @@ def check_validation(args) -> None:
 def make_validation(pipe, args):
     """Validation outputs of one step: fixed prompts and seeds, through the pipeline like any generation."""
     from ..config import SamplingParams
-    from ..media import save_image
+    from ..media import SOFTWARE, save_image
+    from .validation import save_validation_grid
 
     folder = args.out / "validation"
 
     def run(step: int) -> List[Path]:
         folder.mkdir(parents=True, exist_ok=True)
-        paths = []
+        paths, images = [], []
         for k, prompt in enumerate(args.validation_prompt):
             sampling = SamplingParams(steps=args.validation_steps, seed=args.validation_seed + k)
             path = folder / f"step_{step:07d}_{k}.{'txt' if args.task == 'i2t' else 'png'}"
@@ -182,8 +183,12 @@ def make_validation(pipe, args):
             else:
                 img = (pipe.generate_image(prompt, args.resolution, args.resolution, sampling) if args.task == "t2i"
                        else pipe.edit_image(str(args.validation_image[k]), prompt, sampling))
-                save_image(img, path, {"prompt": prompt, "step": str(step)})
+                # replace=True: a resumed run repeating this step replaces its own earlier image, nothing else
+                save_image(img, path, {"prompt": prompt, "step": str(step), "software": SOFTWARE}, replace=True)
+                images.append(img)
             paths.append(path)
+        if images:  # all of the step's images in one picture, prompts in order
+            paths.append(save_validation_grid(images, args.validation_prompt, folder / f"step_{step:07d}.png", step))
         return paths
 
     return run

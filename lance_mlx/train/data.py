@@ -6,8 +6,11 @@ Layouts (docs/training.md):
 - edit: `NAME.png` (source) + `NAME_target.png` + `NAME.txt` (instruction);
 - i2t: images with `.txt` answers (the caption task);
 - any task: a JSONL manifest, one object per line: {"image", "caption"} / {"source", "target", "instruction"} /
-  {"image", "answer", "question"?}, paths relative to the manifest;
-- t2i and edit: upstream's local parquet format (train_dataset.md), media as bytes.
+  {"image", "answer", "question"?, "system"?}, paths relative to the manifest;
+- any task: upstream's local parquet format (train_dataset.md, `parquet.py`), media as bytes.
+
+The examples follow upstream's training data code (data/datasets_factory/dataset_x2{v,t}_interleave.py and
+data/dataset_base_train.py::pack_sequence), checked against it in tests/test_train_layouts.py.
 """
 
 from __future__ import annotations
@@ -27,15 +30,16 @@ from ..errors import InputNotFoundError, InvalidRequestError
 from ..sequence import (
     END_IDS,
     QA_SYSTEM_PROMPTS,
+    SYSTEM_PROMPT_IDS,
     caption_system_prompts,
     chat_sequence,
-    edit_sequence,
     generation_sequence,
     latent_split,
     system_prompt_ids,
     vit_split,
 )
 from .objective import Example
+from .parquet import PARQUET_COLUMNS, read_parquet  # noqa: F401  (PARQUET_COLUMNS: part of this module's API)
 
 TASKS = ("t2i", "edit", "i2t")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -46,6 +50,13 @@ TEXT_DROP = 0.1
 VISION_DROP = 0.1
 # Upstream config/train_local/i2t_local.yaml: the understanding ViT input is bucketed at 616.
 I2T_VIT_RESOLUTION = 616
+# The system prompt upstream TRAINS t2i with: config/train_local/t2i_local.yaml sets no sample_task, so
+# base_mm_parquet_dataset.py's default "t2v" applies, and dataset_x2v_interleave.py calls
+# data/common.py::generate_system_prompt("t2v", vision_type="image"): the t2v prompt with "video" -> "image"
+# ("Describe the image by detailing the color, quantity, visible text, ... motion/camera movements ..."). Upstream's
+# inference uses the t2i prompt (sequence.SYSTEM_PROMPT_T2I); we train and sample as upstream does.
+_VIDEO_ID, _IMAGE_ID = 2766, 2168  # " video", " image" (sequence.py)
+T2I_TRAIN_SYSTEM_IDS = [_IMAGE_ID if i == _VIDEO_ID else i for i in SYSTEM_PROMPT_IDS["t2v"]]
 
 
 @dataclass
@@ -57,6 +68,7 @@ class Item:
     image: Union[Path, bytes]  # t2i target, edit source, i2t image (bytes: a parquet cell)
     target: Optional[Union[Path, bytes]] = None  # edit target
     question: Optional[str] = None  # i2t
+    system: Optional[str] = None  # i2t: the instruction / system prompt of the item (upstream's caption_i)
 
 
 def _images_in(folder: Path) -> List[Path]:
@@ -115,45 +127,16 @@ def scan_manifest(path: Path, task: str) -> List[Item]:
         elif task == "t2i":
             items.append(Item(f"{n:06d}", row["caption"].strip(), base / row["image"]))
         else:
-            q = row.get("question")
+            q, sp = row.get("question"), row.get("system")
             items.append(Item(f"{n:06d}", row["answer"].strip(), base / row["image"],
-                              question=q.strip() if isinstance(q, str) and q.strip() else None))
+                              question=q.strip() if isinstance(q, str) and q.strip() else None,
+                              system=sp.strip() if isinstance(sp, str) and sp.strip() else None))
     return items
-
-
-# Upstream's local parquet columns (train_dataset.md, data/datasets_factory/dataset_x2v_interleave_local.py):
-# text2image_general (caption, image_bytes), image2image (caption, input_image_bytes, output_image_bytes).
-PARQUET_COLUMNS = {"t2i": ("caption", "image_bytes"), "edit": ("caption", "input_image_bytes", "output_image_bytes")}
 
 
 def scan_parquet(path: Path, task: str) -> List[Item]:
-    """Rows of an upstream-format local parquet file (media as bytes)."""
-    if task not in PARQUET_COLUMNS:
-        raise InvalidRequestError(f"parquet data is supported for {', '.join(PARQUET_COLUMNS)}; for i2t use a folder "
-                                  f"or a JSONL manifest", param="data")
-    try:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(str(path))
-    except ImportError:
-        raise InvalidRequestError("reading parquet needs pyarrow: pip install pyarrow", param="data") from None
-    except Exception as e:  # pyarrow raises its own error types for unreadable files
-        raise InvalidRequestError(f"{path} is not a readable parquet file ({e})", param="data") from None
-    cols = PARQUET_COLUMNS[task]
-    missing = [c for c in cols if c not in table.column_names]
-    if missing:
-        raise InvalidRequestError(f"{path} lacks the column(s) {', '.join(missing)} (a {task} parquet needs "
-                                  f"{', '.join(cols)}, as upstream's train_dataset.md)", param="data")
-    items = []
-    for n, row in enumerate(table.select(list(cols)).to_pylist()):
-        text = row["caption"].strip() if isinstance(row["caption"], str) else ""
-        if not text:
-            raise InvalidRequestError(f"{path} row {n}: empty caption", param="data")
-        if task == "t2i":
-            items.append(Item(f"row{n:06d}", text, row["image_bytes"]))
-        else:
-            items.append(Item(f"row{n:06d}", text, row["input_image_bytes"], row["output_image_bytes"]))
-    return items
+    """Rows of an upstream-format local parquet file (media as bytes; `parquet.read_parquet`)."""
+    return [Item(**row) for row in read_parquet(path, task)]
 
 
 def open_image(src: Union[Path, bytes], where: str = "image"):
@@ -168,7 +151,10 @@ def open_image(src: Union[Path, bytes], where: str = "image"):
         return P.load_image(src)
     except FileNotFoundError:
         raise InputNotFoundError(f"training image {where} does not exist", param="data") from None
-    except (ValueError, OSError, UnidentifiedImageError) as e:
+    except UnidentifiedImageError:
+        raise InvalidRequestError(f"training image {where} is not an image file that can be read", param="data") \
+            from None
+    except (ValueError, OSError) as e:
         raise InvalidRequestError(f"training image {where}: {e}", param="data") from None
 
 
@@ -206,6 +192,8 @@ def data_hash(items: Sequence[Item], settings: Dict) -> str:
                 st = p.stat()
                 h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         h.update(f"|{it.text}|{it.question}".encode())
+        if it.system is not None:  # only then: the hashes of earlier caches stay valid
+            h.update(f"|system|{it.system}".encode())
     return h.hexdigest()[:16]
 
 
@@ -223,6 +211,8 @@ class Features:
     vit: Optional[mx.array] = None  # (K, hidden)
     vit_grid: Optional[tuple] = None  # merged grid
     question_ids: Optional[np.ndarray] = None
+    system_ids: Optional[np.ndarray] = None  # i2t: the item's own system prompt
+    source_shape: Optional[tuple] = None  # edit: latent grid of the source (None: the target's)
 
     @property
     def bucket(self) -> tuple:
@@ -237,8 +227,7 @@ def _posterior(vae, pixels) -> tuple:
 
 def encode_item(item: Item, task: str, pipe, resolution: int, vit_resolution: int) -> Features:
     """Run the VAE (and the ViT for edit / i2t) on one item, once."""
-    tok = (lambda s: np.asarray(pipe.tokenizer(s, add_special_tokens=False)["input_ids"], dtype=np.int64))
-    f = Features(text_ids=tok(item.text), question_ids=tok(item.question) if item.question else None)
+    f = text_features(item, pipe.tokenizer)
     if task in ("t2i", "edit"):
         img = item.target if task == "edit" else item.image
         f.target_mu, f.target_log_var, f.shape = _posterior(pipe.component("vae"),
@@ -246,12 +235,9 @@ def encode_item(item: Item, task: str, pipe, resolution: int, vit_resolution: in
     if task in ("edit", "i2t"):
         src = open_image(item.image)
         if task == "edit":
-            f.source_mu, f.source_log_var, shape = _posterior(pipe.component("vae"),
-                                                              P.prepare_vae_pixels([src], resolution))
-            if shape != f.shape:
-                raise InvalidRequestError(f"the pair {item.name} falls in two different aspect buckets "
-                                          f"({shape[1] * 16}x{shape[2] * 16} vs {f.shape[1] * 16}x{f.shape[2] * 16});"
-                                          f" give the pair the same aspect ratio", param="data")
+            # the source takes its own aspect bucket, which may differ from the target's (as upstream's)
+            f.source_mu, f.source_log_var, f.source_shape = _posterior(pipe.component("vae"),
+                                                                       P.prepare_vae_pixels([src], resolution))
         from ..conditioning import vit_embeddings
 
         patches, grid = P.prepare_vit_patches([src], vit_resolution, is_image=True)
@@ -260,13 +246,22 @@ def encode_item(item: Item, task: str, pipe, resolution: int, vit_resolution: in
     return f
 
 
+def text_features(item: Item, tokenizer) -> Features:
+    """The token ids of an item's texts, each tokenized alone (`chat_sequence` places them in the template)."""
+    def tok(s: Optional[str]) -> Optional[np.ndarray]:
+        return None if s is None else np.asarray(tokenizer(s, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    return Features(text_ids=tok(item.text), question_ids=tok(item.question), system_ids=tok(item.system))
+
+
 def save_features(f: Features, path: Path) -> None:
     arrays = {k: getattr(f, k) for k in ("target_mu", "target_log_var", "source_mu", "source_log_var", "vit")
               if getattr(f, k) is not None}
     arrays["text_ids"] = mx.array(f.text_ids.astype(np.int32))
-    if f.question_ids is not None:
-        arrays["question_ids"] = mx.array(f.question_ids.astype(np.int32))
-    meta = {"shape": json.dumps(f.shape), "vit_grid": json.dumps(f.vit_grid)}
+    for k in ("question_ids", "system_ids"):
+        if getattr(f, k) is not None:
+            arrays[k] = mx.array(getattr(f, k).astype(np.int32))
+    meta = {k: json.dumps(getattr(f, k)) for k in ("shape", "vit_grid", "source_shape")}
     tmp = path.with_name(f".{path.name}.tmp.safetensors")
     mx.save_safetensors(str(tmp), arrays, metadata=meta)
     tmp.replace(path)
@@ -275,13 +270,16 @@ def save_features(f: Features, path: Path) -> None:
 def load_features(path: Path) -> Features:
     arrays, meta = mx.load(str(path), return_metadata=True)
     shape, grid = json.loads(meta["shape"]), json.loads(meta["vit_grid"])
-    q = arrays.get("question_ids")
+    source = json.loads(meta.get("source_shape", "null"))  # caches written before it: the target's grid
+    q, sp = arrays.get("question_ids"), arrays.get("system_ids")
     return Features(text_ids=np.asarray(arrays["text_ids"]).astype(np.int64),
                     target_mu=arrays.get("target_mu"), target_log_var=arrays.get("target_log_var"),
                     shape=tuple(shape) if shape else None, source_mu=arrays.get("source_mu"),
                     source_log_var=arrays.get("source_log_var"), vit=arrays.get("vit"),
                     vit_grid=tuple(grid) if grid else None,
-                    question_ids=None if q is None else np.asarray(q).astype(np.int64))
+                    question_ids=None if q is None else np.asarray(q).astype(np.int64),
+                    system_ids=None if sp is None else np.asarray(sp).astype(np.int64),
+                    source_shape=tuple(source) if source else None)
 
 
 def cache_features(items: Sequence[Item], task: str, pipe, cache_dir: Path, resolution: int,
@@ -305,46 +303,56 @@ def _sample(mu: mx.array, log_var: mx.array, key: mx.array) -> mx.array:
     return mu + mx.exp(0.5 * log_var) * mx.random.normal(mu.shape, key=key)
 
 
+def _understanding_example(f: Features, rng: random.Random, prompts: Optional[Dict[str, List[int]]]) -> Example:
+    """Upstream's x2t sample (dataset_x2t_interleave.py, text template): SYSTEM = the item's caption_i, USER = [ViT
+    block, question if any], ASSISTANT = the answer; CE on the answer and its <|im_end|>, each predicted from the
+    token before it (system_prompt_render.py::expand_and_index_by_token_ids_new: the tokens after "assistant\n";
+    pack_sequence: ce_loss_indexes = label index - 1). No drops (enable_cfg 0). Items without their own system
+    prompt: with a question, upstream's question-answering prompt (config/examples/x2t_image_example.json);
+    without, one of the four caption prompts at random, as upstream for a caption-only target
+    (data/common.py::generate_system_prompt("caption"))."""
+    if f.system_ids is not None:
+        system = [int(i) for i in f.system_ids]
+    elif f.question_ids is not None:
+        system = prompts[QA_SYSTEM_PROMPTS["image"]]
+    else:
+        system = prompts[rng.choice(caption_system_prompts("image"))]
+    user = [vit_split(f.vit_grid, f.vit)] + ([f.question_ids] if f.question_ids is not None else [])
+    answer = [int(i) for i in f.text_ids]
+    seq = chat_sequence(system, user, [answer])
+    n = len(seq)
+    start = n - len(END_IDS) - len(answer)  # first answer token
+    labels = seq.input_ids[start:]  # the answer and its <|im_end|>
+    return Example(seq, ce_index=np.arange(start, n) - 1, labels=labels)
+
+
 def build_example(f: Features, task: str, rng: random.Random, key: mx.array, text_drop: float = TEXT_DROP,
                   vision_drop: float = VISION_DROP, prompts: Optional[Dict[str, List[int]]] = None) -> Example:
-    """One step's example of an item: the posterior sample, and with probability `text_drop` no caption /
-    instruction, with `vision_drop` (edit) no ViT block and no conditioning latents, as upstream drops them.
-    `prompts` (`understanding_prompts`) holds the token ids of the i2t system prompts."""
-    k_target, k_source = mx.random.split(key)
+    """One step's example of an item, as upstream's training data code builds it (dataset_x2v_interleave.py,
+    text template): the posterior sample; with probability `text_drop` the caption / instruction is left out of
+    the user turn (nothing stands in its place: USER is empty for t2i); for edits, with `vision_drop` the ViT
+    block AND the conditioning latents are left out (upstream's one ViT-drop draw skips the whole source image;
+    VAE_COND_DROPOUT_PROB is 0 in scripts/sft_lance_generation.sh). The two draws are independent, text first.
+    Edit USER = [ViT block, conditioning latents (t = 0), instruction] (the instruction rotated to the end);
+    system prompts: t2i `T2I_TRAIN_SYSTEM_IDS`, edit generate_system_prompt("edit", "image"), neither sampled.
+    `prompts` (`understanding_prompts`) holds the token ids of the default i2t system prompts."""
     if task == "i2t":
-        if f.question_ids is not None:
-            system = prompts[QA_SYSTEM_PROMPTS["image"]]
-            user = [vit_split(f.vit_grid, f.vit), f.question_ids]
-        else:
-            # upstream picks one of the caption prompts at random (data/common.py::generate_system_prompt)
-            system = prompts[rng.choice(caption_system_prompts("image"))]
-            user = [vit_split(f.vit_grid, f.vit)]
-        answer = [int(i) for i in f.text_ids]
-        seq = chat_sequence(system, user, [answer])
-        n = len(seq)
-        start = n - len(END_IDS) - len(answer)  # first answer token
-        labels = seq.input_ids[start:]  # the answer and its <|im_end|>
-        return Example(seq, ce_index=np.arange(start, n) - 1, labels=labels)
+        return _understanding_example(f, rng, prompts)
+    k_target, k_source = mx.random.split(key)
     x0 = _sample(f.target_mu, f.target_log_var, k_target)
     drop_text = rng.random() < text_drop
     if task == "t2i":
         if drop_text:
-            seq = chat_sequence(system_prompt_ids("t2i"), [], [latent_split(f.shape, "target")])
+            seq = chat_sequence(T2I_TRAIN_SYSTEM_IDS, [], [latent_split(f.shape, "target")])
         else:
-            seq = generation_sequence("t2i", f.text_ids, f.shape)
+            seq = generation_sequence("t2i", f.text_ids, f.shape, system_ids=T2I_TRAIN_SYSTEM_IDS)
     else:
         drop_vision = rng.random() < vision_drop
-        if drop_vision:
-            user = [] if drop_text else [f.text_ids]
-            seq = chat_sequence(system_prompt_ids("image_edit"), user, [latent_split(f.shape, "target")],
-                                prompt_ids=None if drop_text else f.text_ids)
-        elif drop_text:
-            user = [vit_split(f.vit_grid, f.vit), latent_split(f.shape, "cond", _sample(f.source_mu,
-                                                                                      f.source_log_var, k_source))]
-            seq = chat_sequence(system_prompt_ids("image_edit"), user, [latent_split(f.shape, "target")])
-        else:
-            seq = edit_sequence(f.text_ids, f.vit_grid, f.shape, vit_data=f.vit,
-                                cond_data=_sample(f.source_mu, f.source_log_var, k_source))
+        source = latent_split(f.source_shape or f.shape, "cond", _sample(f.source_mu, f.source_log_var, k_source))
+        user = [] if drop_vision else [vit_split(f.vit_grid, f.vit), source]
+        user += [] if drop_text else [f.text_ids]
+        seq = chat_sequence(system_prompt_ids("image_edit"), user, [latent_split(f.shape, "target")],
+                            prompt_ids=None if drop_text else f.text_ids)
     seq.splits[seq.noise_index].data = x0
     return Example(seq)
 
