@@ -19,7 +19,7 @@ def add_video_args(p) -> None:
     g = p.add_argument_group("video tasks (t2v, i2v, video-edit, v2t)")
     g.add_argument("--num-frames", type=int, default=V.DEFAULT_NUM_FRAMES,
                    help=f"at most this many frames per clip, 4k+1 (default {V.DEFAULT_NUM_FRAMES}; upstream's 6 s at "
-                        f"12 fps is 69, its v2t 2 s is 25); shorter videos give fewer, as upstream's sampler")
+                        f"12 fps is 69, its v2t 2 s gives 21); shorter videos give fewer, as upstream's sampler")
     g.add_argument("--fps", type=int, default=V.SAMPLE_FPS,
                    help=f"frames per second sampled from each video (default {V.SAMPLE_FPS}, upstream's)")
     g.add_argument("--ff2v-rate", type=float, default=V.FF2V_RATE,
@@ -70,7 +70,8 @@ def make_validation(pipe, args):
                 paths.append(path)
                 continue
             if args.task == "t2v":
-                frames = pipe.generate_video(prompt, args.num_frames, args.resolution, args.resolution, sampling)
+                frames = pipe.generate_video(prompt, args.num_frames, width=args.resolution, height=args.resolution,
+                                             sampling=sampling)
             elif args.task == "i2v":
                 frames = pipe.generate_video(prompt, args.num_frames, image=media, sampling=sampling,
                                              resolution=args.resolution)
