@@ -278,3 +278,26 @@ def test_cli_t2v_end_to_end(upstream_root, tmp_path):
     assert (out / "adapter_config.json").is_file() and len(_losses(out)) == 2
     assert main(common + ["--steps", "3", "--resume"]) == 0
     assert len(_losses(out)) == 3
+
+
+@pytest.mark.parametrize("task", ["i2v", "video-edit", "v2t"])
+def test_cli_other_video_tasks(task, upstream_root, tmp_path):
+    """One step and a validation output of each other video task through the command."""
+    from PIL import Image
+
+    from lance_mlx.train.cli import main
+
+    data = _clips(tmp_path / "data", n=1, size=(64, 64))
+    media = data / "v0.mp4"
+    if task == "video-edit":
+        _clip(data / "v0_target.mp4", size=(64, 64), seed=3)
+    if task == "i2v":
+        media = tmp_path / "first.png"
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(media)
+    out = tmp_path / "run"
+    assert main(["--task", task, "--data", str(data), "--out", str(out), "--model", str(upstream_root), "--dtype",
+                 "float32", "--resolution", "128", "--num-frames", "5", "--rank", "2", "--steps", "1",
+                 "--validate-every", "1", "--validation-prompt", "what happens?", "--validation-image", str(media),
+                 "--validation-steps", "1"]) == 0
+    assert (out / "validation" / f"step_0000001_0.{'txt' if task == 'v2t' else 'mp4'}").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["lance_mlx"]["task"] == task

@@ -11,8 +11,6 @@ from . import video_data as V
 from . import video_examples as VE
 
 PIPELINE_TASK = {"t2v": "t2v", "i2v": "i2v", "video-edit": "video_edit", "v2t": "x2t_video"}
-# upstream's video presets (processing.PRESETS) by VAE bucket area, for validation edits
-PRESET_FOR = {256: "video_192p", 480: "video_360p", 640: "video_480p"}
 
 
 def add_video_args(p) -> None:
@@ -55,8 +53,10 @@ def make_validation(pipe, args):
     i2v / video-edit: an .mp4 of --num-frames frames; v2t: the answer as .txt)."""
     from ..config import SamplingParams
     from ..media import save_video
+    from ..processing import Preset
 
     folder = args.out / "validation"
+    preset = Preset("training", args.resolution, vit_resolution(args))  # the training buckets
 
     def run(step: int) -> List[Path]:
         folder.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def make_validation(pipe, args):
             media = None if args.task == "t2v" else str(args.validation_image[k])
             path = folder / f"step_{step:07d}_{k}.{'txt' if args.task == 'v2t' else 'mp4'}"
             if args.task == "v2t":
-                path.write_text(pipe.understand(media, prompt) + "\n")
+                path.write_text(pipe.understand(media, prompt, preset=preset) + "\n")
                 paths.append(path)
                 continue
             if args.task == "t2v":
@@ -76,7 +76,7 @@ def make_validation(pipe, args):
                 frames = pipe.generate_video(prompt, args.num_frames, image=media, sampling=sampling,
                                              resolution=args.resolution)
             else:
-                frames = pipe.edit_video(media, prompt, sampling, preset=PRESET_FOR.get(args.resolution, "video_480p"))
+                frames = pipe.edit_video(media, prompt, sampling, preset=preset)
             save_video(list(frames), path, fps=args.fps)
             paths.append(path)
         return paths
