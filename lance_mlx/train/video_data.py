@@ -208,13 +208,13 @@ def _where(src: Media, where: str) -> str:
     return where if isinstance(src, (bytes, bytearray)) else str(src)
 
 
-def _reason(error: Exception, path: Path) -> str:
-    """The reader's message without the (possibly temporary) file name it starts with."""
+def _reader_message(error: Exception, path: Path, src: Media, where: str) -> str:
+    """The reader's one-line message, naming the parquet row instead of the temporary file it read the bytes from
+    (a file's message already names the file)."""
     msg = str(error)
-    for prefix in (f"{path}: ", f"{path} "):
-        if msg.startswith(prefix):
-            return msg[len(prefix):]
-    return msg
+    if isinstance(src, (bytes, bytearray)):
+        msg = msg.replace(str(path), where)
+    return msg if where in msg or str(src) in msg else f"training video {_where(src, where)}: {msg}"
 
 
 def probe(src: Media, where: str, clip: ClipSettings) -> int:
@@ -226,8 +226,8 @@ def probe(src: Media, where: str, clip: ClipSettings) -> int:
             info = probe_video(p, max_pixels=MAX_VIDEO_PIXELS)
         except InputNotFoundError:
             raise InputNotFoundError(f"training video {_where(src, where)} does not exist", param="data") from None
-        except LanceError as e:
-            raise InvalidRequestError(f"training video {_where(src, where)}: {_reason(e, p)}", param="data") from None
+        except LanceError as e:  # no `param`: the reader's text is not to be rewritten into flag names
+            raise InvalidRequestError(_reader_message(e, p, src, where)) from None
     try:
         return clip.count(info.num_frames, info.fps)
     except ValueError as e:
@@ -248,7 +248,7 @@ def read_clip(src: Media, where: str, clip: ClipSettings, count: Optional[int] =
         try:
             frames, _ = read_video(p, frame_indices=select)
         except LanceError as e:
-            raise InvalidRequestError(f"training video {_where(src, where)}: {_reason(e, p)}", param="data") from None
+            raise InvalidRequestError(_reader_message(e, p, src, where)) from None
         except ValueError as e:  # the sampler's "too short"
             raise InvalidRequestError(f"training video {_where(src, where)}: {e}", param="data") from None
     return frames
