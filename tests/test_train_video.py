@@ -233,7 +233,7 @@ def _run_cli(argv):
 
 
 @pytest.mark.parametrize("problem", ["no-caption", "corrupt-video", "edit-no-target", "num-frames", "fps",
-                                     "ff2v-rate", "i2v-short", "validation-media", "images-only"])
+                                     "ff2v-rate", "i2v-short", "validation-media", "validation-kind", "images-only"])
 def test_cli_checks_video_inputs_before_loading(problem, tmp_path, no_model, capsys):
     data = _clips(tmp_path / "data", n=1)
     args = ["--data", str(data), "--out", str(tmp_path / "run"), "--task", "t2v"]
@@ -255,12 +255,17 @@ def test_cli_checks_video_inputs_before_loading(problem, tmp_path, no_model, cap
     elif problem == "validation-media":
         args[-1] = "v2t"
         args += ["--validate-every", "5", "--validation-prompt", "what happens?"]
+    elif problem == "validation-kind":
+        args[-1] = "video-edit"
+        args += ["--validate-every", "5", "--validation-prompt", "snow", "--validation-image", str(tmp_path / "a.png")]
     elif problem == "images-only":
         for p in data.glob("*.mp4"):
             p.unlink()
     assert _run_cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
+    if problem == "validation-kind":
+        assert "validates on videos" in err[0]
 
 
 def test_cli_t2v_end_to_end(upstream_root, tmp_path):

@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     v.add_argument("--validation-prompt", action="append", default=[],
                    help="prompt (t2i), instruction (edit) or question (i2t); repeatable")
     v.add_argument("--validation-image", action="append", default=[], type=Path,
-                   help="source image per validation prompt (edit, i2t)")
+                   help="source image per validation prompt (edit, i2t; i2v: the first frame); a video for "
+                        "video-edit and v2t")
     v.add_argument("--validation-steps", type=int, default=20, help="denoising steps of validation images (20)")
     v.add_argument("--validation-seed", type=int, default=42, help="seed of validation image k is this + k (42)")
     t = p.add_argument_group("optimization")

@@ -33,6 +33,16 @@ def check_video_args(args) -> None:
     V.check_clip_settings(args.num_frames, args.fps)
     if not 0.0 <= args.ff2v_rate <= 1.0:
         raise InvalidRequestError(f"ff2v_rate must be in [0, 1], got {args.ff2v_rate}", param="ff2v_rate")
+    if args.task in ("video-edit", "v2t"):  # found now, not at the first validation after hours of training
+        for p in args.validation_image:
+            if p.suffix.lower() not in V.VIDEO_SUFFIXES:
+                raise InvalidRequestError(f"{args.task} validates on videos ({', '.join(V.VIDEO_SUFFIXES)}); "
+                                          f"{p} is not one", param="validation_image")
+    elif args.task == "i2v":
+        for p in args.validation_image:
+            if p.suffix.lower() in V.VIDEO_SUFFIXES:
+                raise InvalidRequestError(f"i2v validates on a first-frame image, not the video {p}",
+                                          param="validation_image")
 
 
 def clip_settings(args) -> V.ClipSettings:

@@ -299,5 +299,5 @@ def data_hash(items: Sequence[VideoItem], settings: Dict) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["VIDEO_TASKS", "VideoItem", "ClipSettings", "check_clip_settings", "find_items", "read_clip",
-           "data_hash", "FF2V_RATE", "DEFAULT_NUM_FRAMES", "DEFAULT_VIDEO_RESOLUTION", "VIDEO_VIT_FOR"]
+__all__ = ["VIDEO_TASKS", "VIDEO_SUFFIXES", "VideoItem", "ClipSettings", "check_clip_settings", "find_items",
+           "read_clip", "data_hash", "FF2V_RATE", "DEFAULT_NUM_FRAMES", "DEFAULT_VIDEO_RESOLUTION", "VIDEO_VIT_FOR"]
