@@ -32,7 +32,7 @@ EPILOG = """examples:
   lance-mlx-train --data my_style/ --out runs/style --steps 1000 --validation-prompt "a lighthouse at dusk"
   lance-mlx-train --task edit --data pairs/ --out runs/edit --resolution 512
   lance-mlx-train --data my_style/ --out runs/style --resume          # continue the latest checkpoint
-  lance-mlx-train --task t2v --data clips/ --out runs/clips --num-frames 17 --model ./Lance_3B_Video
+  lance-mlx-train --task t2v --data clips/ --out runs/clips --num-frames 17     # NAME.mp4 + NAME.txt
 then: python inference.py --prompt "..." --lora runs/style --out out.png
 """
 
@@ -43,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, type=Path,
-                   help="folder of images + same-named .txt (edit: NAME.png, NAME_target.png, NAME.txt) or a JSONL "
-                        "manifest (docs/training.md)")
+                   help="folder of images + same-named .txt (edit: NAME.png, NAME_target.png, NAME.txt; video tasks: "
+                        "videos), a JSONL manifest or upstream's parquet (docs/training.md)")
     d.add_argument("--task", default="t2i", choices=D.TASKS + V.VIDEO_TASKS,
                    help="t2i (default), edit, i2t (image understanding), t2v, i2v, video-edit or v2t (video "
                         "understanding)")
