@@ -1,5 +1,5 @@
 """`lance-mlx-train` / train.py: LoRA fine-tuning of Lance on a folder of images (t2i, image edit, image
-understanding) with upstream's objective (docs/training.md)."""
+understanding) or videos (t2v, i2v, video edit, video understanding) with upstream's objective (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ from ..cli import add_dtype_args, main_guard
 from ..errors import InputNotFoundError, InvalidRequestError, OutputError
 from . import data as D
 from . import loop
+from . import video_cli as VC
+from . import video_data as V
 
-PIPELINE_TASK = {"t2i": "t2i", "edit": "image_edit", "i2t": "x2t_image"}
+PIPELINE_TASK = {"t2i": "t2i", "edit": "image_edit", "i2t": "x2t_image", **VC.PIPELINE_TASK}
 # LoRA targets: the generation expert for image outputs, the understanding expert for text answers.
 DEFAULT_TARGETS = {"t2i": "*.self_attn.[qkvo]_proj_moe_gen,*.mlp_moe_gen.*_proj",
                    "edit": "*.self_attn.[qkvo]_proj_moe_gen,*.mlp_moe_gen.*_proj",
                    "i2t": "*.self_attn.[qkvo]_proj,*.mlp.*_proj"}
+DEFAULT_TARGETS.update({"t2v": DEFAULT_TARGETS["t2i"], "i2v": DEFAULT_TARGETS["t2i"],
+                        "video-edit": DEFAULT_TARGETS["edit"], "v2t": DEFAULT_TARGETS["i2t"]})
 # Upstream's ViT input sizes per VAE resolution (config/train_local/i2i_local.yaml: 768 -> 672; processing.PRESETS).
 VIT_FOR = {256: 224, 512: 448, 768: 672}
 
@@ -28,6 +32,7 @@ EPILOG = """examples:
   lance-mlx-train --data my_style/ --out runs/style --steps 1000 --validation-prompt "a lighthouse at dusk"
   lance-mlx-train --task edit --data pairs/ --out runs/edit --resolution 512
   lance-mlx-train --data my_style/ --out runs/style --resume          # continue the latest checkpoint
+  lance-mlx-train --task t2v --data clips/ --out runs/clips --num-frames 17     # NAME.mp4 + NAME.txt
 then: python inference.py --prompt "..." --lora runs/style --out out.png
 """
 
@@ -38,11 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, type=Path,
-                   help="folder of images + same-named .txt (edit: NAME.png, NAME_target.png, NAME.txt), a JSONL "
-                        "manifest or an upstream-format .parquet file (docs/training.md)")
-    d.add_argument("--task", default="t2i", choices=D.TASKS, help="t2i (default), edit or i2t (image understanding)")
-    d.add_argument("--resolution", type=int, default=S.resolution,
-                   help=f"training area resolution² in aspect buckets (default {S.resolution}; upstream trains at 768)")
+                   help="folder of images + same-named .txt (edit: NAME.png, NAME_target.png, NAME.txt; video tasks: "
+                        "videos), a JSONL manifest or an upstream-format .parquet file (docs/training.md)")
+    d.add_argument("--task", default="t2i", choices=D.TASKS + V.VIDEO_TASKS,
+                   help="t2i (default), edit, i2t (image understanding), t2v, i2v, video-edit or v2t (video "
+                        "understanding)")
+    d.add_argument("--resolution", type=int,
+                   help=f"training area resolution² in aspect buckets (default {S.resolution}, video tasks "
+                        f"{V.DEFAULT_VIDEO_RESOLUTION}; upstream trains images at 768, videos at 640)")
     d.add_argument("--vit-resolution", type=int, help="ViT input resolution of edit / i2t (default: upstream's for "
                                                       "--resolution; i2t 616 at 768)")
     d.add_argument("--cache-dir", type=Path, help="where the VAE latents / ViT features go (default OUT/cache)")
@@ -58,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     v.add_argument("--validation-prompt", action="append", default=[],
                    help="prompt (t2i), instruction (edit) or question (i2t); repeatable")
     v.add_argument("--validation-image", action="append", default=[], type=Path,
-                   help="source image per validation prompt (edit, i2t)")
+                   help="source image per validation prompt (edit, i2t; i2v: the first frame); a video for "
+                        "video-edit and v2t")
     v.add_argument("--validation-steps", type=int, default=20, help="denoising steps of validation images (20)")
     v.add_argument("--validation-seed", type=int, default=42, help="seed of validation image k is this + k (42)")
     t = p.add_argument_group("optimization")
@@ -85,7 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_dtype_args(m)
     m.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the frozen base LLM (QLoRA-style)")
     m.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    return p.parse_args(argv)
+    VC.add_video_args(p)
+    args = p.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = VC.default_resolution(args.task, S.resolution)
+    return args
 
 
 def settings_from_args(args) -> loop.Settings:
@@ -109,6 +122,7 @@ def settings_from_args(args) -> loop.Settings:
                                   param="resolution")
     if args.timestep_shift <= 0:
         raise InvalidRequestError("timestep_shift must be positive", param="timestep_shift")
+    VC.check_video_args(args)
     targets = [t.strip() for t in (args.targets or DEFAULT_TARGETS[args.task]).split(",") if t.strip()]
     return loop.Settings(task=args.task, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, schedule=args.schedule,
@@ -116,10 +130,14 @@ def settings_from_args(args) -> loop.Settings:
                          alpha=float(args.alpha if args.alpha is not None else args.rank), dropout=args.dropout,
                          targets=targets, seed=args.seed, checkpointing=args.checkpointing, text_drop=args.text_drop,
                          vision_drop=args.vision_drop, timestep_shift=args.timestep_shift, save_every=args.save_every,
-                         validate_every=args.validate_every, resolution=args.resolution)
+                         validate_every=args.validate_every, resolution=args.resolution,
+                         ff2v_rate=1.0 if args.task == "i2v" else args.ff2v_rate, num_frames=args.num_frames,
+                         fps=args.fps)
 
 
 def vit_resolution(args) -> int:
+    if args.task in V.VIDEO_TASKS:
+        return VC.vit_resolution(args)
     if args.vit_resolution:
         return args.vit_resolution
     if args.task == "i2t" and args.resolution == 768:
@@ -156,7 +174,8 @@ def check_resume(ckpt: Path, settings: loop.Settings) -> None:
 def check_validation(args) -> None:
     if args.validate_every and not args.validation_prompt:
         raise InvalidRequestError("validate_every needs at least one --validation-prompt", param="validate_every")
-    if args.task in ("edit", "i2t") and len(args.validation_image) != len(args.validation_prompt):
+    if args.task in ("edit", "i2t", "i2v", "video-edit", "v2t") and \
+            len(args.validation_image) != len(args.validation_prompt):
         raise InvalidRequestError(f"{args.task} validation needs one --validation-image per --validation-prompt",
                                   param="validation_image")
     for p in args.validation_image:
@@ -166,6 +185,8 @@ def check_validation(args) -> None:
 
 def make_validation(pipe, args):
     """Validation outputs of one step: fixed prompts and seeds, through the pipeline like any generation."""
+    if args.task in V.VIDEO_TASKS:
+        return VC.make_validation(pipe, args)
     from ..config import SamplingParams
     from ..media import SOFTWARE, save_image
     from .validation import save_validation_grid
@@ -202,11 +223,14 @@ def run(args) -> int:
     if ckpt is not None:
         check_resume(ckpt, settings)
     check_validation(args)
-    items = D.find_items(args.data, args.task)
+    video = args.task in V.VIDEO_TASKS
+    items = V.find_items(args.data, VC.clip_settings(args)) if video else D.find_items(args.data, args.task)
     vit_res = vit_resolution(args)
     feature_settings = {"task": args.task, "resolution": args.resolution, "vit_resolution": vit_res,
                         "model": str(args.model)}
-    data_hash = D.data_hash(items, feature_settings)
+    if video:
+        feature_settings.update(num_frames=args.num_frames, fps=args.fps)
+    data_hash = (V.data_hash if video else D.data_hash)(items, feature_settings)
 
     from ..pipeline import LancePipeline
     from ..quantize import quantize_lance
@@ -218,8 +242,11 @@ def run(args) -> int:
     pipe.loaders.pop("model", None)
     cache = args.cache_dir or args.out / "cache"
     bar = tqdm(total=len(items), desc="caching latents", unit="item", file=sys.stderr)
-    features = D.cache_features(items, args.task, pipe, cache / data_hash, args.resolution, vit_res,
-                                lambda i, n: bar.update(1))
+    if video:
+        features = VC.features(args, pipe, cache / data_hash, vit_res, items, bar)
+    else:
+        features = D.cache_features(items, args.task, pipe, cache / data_hash, args.resolution, vit_res,
+                                    lambda i, n: bar.update(1))
     bar.close()
     pipe.release("vit", "vae")
     if args.quantize:

@@ -23,6 +23,8 @@ from .. import lora as L
 from ..errors import GenerationError, InvalidRequestError
 from . import data as D
 from . import objective as O
+from . import video_examples as VE
+from .video_data import DEFAULT_NUM_FRAMES, FF2V_RATE, SAMPLE_FPS, VIDEO_TASKS
 
 CHECKPOINTS = "checkpoints"
 LOSS_LOG = "loss.jsonl"
@@ -62,6 +64,10 @@ class Settings:
     save_every: int = 100
     validate_every: int = 0
     resolution: int = 512
+    # video tasks: the share of first-frame-to-video samples of t2v, and how clips are sampled
+    ff2v_rate: float = FF2V_RATE
+    num_frames: int = DEFAULT_NUM_FRAMES
+    fps: int = SAMPLE_FPS
 
 
 def learning_rate(s: Settings):
@@ -111,6 +117,8 @@ class Trainer:
         self.validation, self.log = validation, log
         self.vocab_limit = len(pipe.tokenizer) if pipe.tokenizer is not None else None
         self.prompts = D.understanding_prompts(pipe.tokenizer) if settings.task == "i2t" else None
+        if settings.task == "v2t":
+            self.prompts = VE.understanding_prompts(pipe.tokenizer)
         self.model.freeze()
         paths = L.match_targets(self.model, settings.targets)
         if not paths:
@@ -147,8 +155,12 @@ class Trainer:
         exs, drs = [], []
         for n, i in enumerate(idx):
             rng = random.Random(f"{self.s.seed}/{step}/{micro}/{n}")
-            ex = D.build_example(self.features[i], self.s.task, rng, keys[2 * n], self.s.text_drop,
-                                 self.s.vision_drop, self.prompts)
+            if self.s.task in VIDEO_TASKS:
+                ex = VE.build_example(self.features[i], self.s.task, rng, keys[2 * n], self.s.text_drop,
+                                      self.s.vision_drop, self.prompts, self.s.ff2v_rate)
+            else:
+                ex = D.build_example(self.features[i], self.s.task, rng, keys[2 * n], self.s.text_drop,
+                                     self.s.vision_drop, self.prompts)
             exs.append(ex)
             drs.append(O.draw(ex, keys[2 * n + 1]))
         return exs, drs

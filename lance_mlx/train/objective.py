@@ -4,9 +4,11 @@ full-sequence forward (no KV cache) with upstream's attention mask.
 Upstream: modeling/lance/lance.py::Lance.forward (noising, velocity target, per-token losses) and
 train/train_utils.py::compute_training_loss (reduction). For each target block one logit z ~ N(0, 1) is drawn
 (data/dataset_base_train.py::pack_sequence), t = sigmoid(z), shifted t' = s t / (1 + (s - 1) t), x_t = t' noise +
-(1 - t') x0; conditioning latents sit at t = 0. MSE = sum over target tokens of mean over channels of
-(llm2vae(h) - (noise - x0))^2, divided by the number of target tokens; CE = sum of token losses (labels outside the
-tokenizer's vocabulary ignored) divided by the number of CE positions; loss = mse_weight MSE + ce_weight CE.
+(1 - t') x0; conditioning latents sit at t = 0, and so do the leading latent frames a first-frame-to-video sample
+holds clean inside its target block (upstream's ff2v: timestep -max, left out of the MSE). MSE = sum over target
+tokens of mean over channels of (llm2vae(h) - (noise - x0))^2, divided by the number of target tokens; CE = sum of
+token losses (labels outside the tokenizer's vocabulary ignored) divided by the number of CE positions; loss =
+mse_weight MSE + ce_weight CE.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class Example:
     seq: TokenSequence
     ce_index: Optional[np.ndarray] = None  # (K,) int
     labels: Optional[np.ndarray] = None  # (K,) int
+    # Leading latent frames of the target held clean (t = 0, no MSE): upstream's ff2v `frame_condition_idx` [0]
+    # (data/dataset_base_train.py::pack_sequence sets their timesteps to -sys.float_info.max, sigmoid -> 0).
+    clean_frames: int = 0
 
     @property
     def target_splits(self) -> List[int]:
@@ -110,11 +115,16 @@ def pack(model, examples: Sequence[Example], draws: Sequence[Draw], shift: float
                 x0 = mx.array(s.data).astype(mx.float32)
                 t = shifted_timestep(dr.logits[j], shift)
                 eps = dr.noise[j]
-                x_t = t * eps + (1 - t) * x0
+                n_clean = ex.clean_frames * s.grid[1] * s.grid[2]
+                if n_clean:  # per-token times: the clean frames at 0 (x_t = x0 there)
+                    t = mx.concatenate([mx.zeros((n_clean,)), mx.broadcast_to(t, (x0.shape[0] - n_clean,))])
+                    x_t = t[:, None] * eps + (1 - t[:, None]) * x0
+                else:
+                    x_t = t * eps + (1 - t) * x0
                 inputs.append(model.embed_split(s, x=x_t, t=t)[0])
                 # body tokens only: the markers are text tokens (upstream's mse_loss_indexes)
-                mse_idx.append(offset + starts[i] + 1 + np.arange(len(s) - 2))
-                targets.append(eps - x0)
+                mse_idx.append(offset + starts[i] + 1 + np.arange(n_clean, len(s) - 2))
+                targets.append((eps - x0)[n_clean:])
                 j += 1
             else:
                 inputs.append(model.embed_split(s)[0])
