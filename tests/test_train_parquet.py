@@ -130,3 +130,24 @@ def test_i2t_parquet_trains_end_to_end(upstream_root, tmp_path):
     assert np.isfinite(json.loads((out / "loss.jsonl").read_text().splitlines()[0])["ce"])
     cached = sorted((out / "cache").rglob("*.safetensors"))
     assert len(cached) == 2 and all(D.load_features(p).system_ids is not None for p in cached)
+
+
+def test_video_rows_share_the_reader(tmp_path):
+    """The video tasks read through the same reader: v2t texts as upstream's x2t reader gives them (as i2t), the
+    media columns checked to be binary, video-edit pairs in order."""
+    import pyarrow as pa
+
+    from lance_mlx.errors import InvalidRequestError
+    from lance_mlx.train import video_data as V
+
+    clip_a, clip_b = b"GIF89a-first", b"GIF89a-second"  # only read here, decoded later
+    items = V.scan_parquet(write(tmp_path / "u.parquet", {"video_bytes": [clip_a], "caption_i": ["\nWatch."],
+                                                          "caption_q": [""], "caption_a": ["Two.\n"]}), "v2t")
+    assert [(i.video, i.system, i.question, i.text) for i in items] == [(clip_a, "Watch.", None, "Two.\n")]
+    [pair] = V.scan_parquet(write(tmp_path / "e.parquet", {"caption": [" redder "], "input_video_bytes": [clip_a],
+                                                           "output_video_bytes": [clip_b]}), "video-edit")
+    assert (pair.text, pair.video, pair.target) == ("redder", clip_a, clip_b)
+    strings = write(tmp_path / "s.parquet", {"caption": ["x"], "video_bytes": ["not bytes"]},
+                    schema=pa.schema([("caption", pa.string()), ("video_bytes", pa.string())]))
+    with pytest.raises(InvalidRequestError, match="video_bytes is string, not binary"):
+        V.scan_parquet(strings, "t2v")

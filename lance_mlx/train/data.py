@@ -136,7 +136,7 @@ def scan_manifest(path: Path, task: str) -> List[Item]:
 
 def scan_parquet(path: Path, task: str) -> List[Item]:
     """Rows of an upstream-format local parquet file (media as bytes; `parquet.read_parquet`)."""
-    return [Item(**row) for row in read_parquet(path, task)]
+    return [Item(image=row.pop("media"), **row) for row in read_parquet(path, task)]
 
 
 def open_image(src: Union[Path, bytes], where: str = "image"):

@@ -8,15 +8,23 @@ from typing import Dict, List, Optional
 from ..errors import InvalidRequestError
 
 # Columns per task, as upstream's train_dataset.md and the row readers (base_mm_parquet_dataset.py::transform_row;
-# dataset_x2v_interleave_local.py::_validate_local_row for t2i / edit): text2image_general (caption, image_bytes),
-# image2image (caption, input_image_bytes, output_image_bytes), x2t_general for images (image_bytes, caption_i the
-# instruction / system prompt, caption_q the question, "" for none, caption_a the answer).
+# dataset_x2v_interleave_local.py::_validate_local_row): text2image_general / text2video_general (caption,
+# image_bytes / video_bytes), image2image / video2video (caption, input_*_bytes, output_*_bytes), x2t_general
+# (image_bytes / video_bytes, caption_i the instruction / system prompt, caption_q the question, "" for none,
+# caption_a the answer).
 PARQUET_COLUMNS = {
     "t2i": ("caption", "image_bytes"),
     "edit": ("caption", "input_image_bytes", "output_image_bytes"),
     "i2t": ("image_bytes", "caption_i", "caption_q", "caption_a"),
+    "t2v": ("caption", "video_bytes"),
+    "i2v": ("caption", "video_bytes"),
+    "video-edit": ("caption", "input_video_bytes", "output_video_bytes"),
+    "v2t": ("video_bytes", "caption_i", "caption_q", "caption_a"),
 }
-MEDIA_COLUMNS = ("image_bytes", "input_image_bytes", "output_image_bytes")
+MEDIA_COLUMNS = ("image_bytes", "input_image_bytes", "output_image_bytes", "video_bytes", "input_video_bytes",
+                 "output_video_bytes")
+UNDERSTANDING_TASKS = ("i2t", "v2t")
+EDIT_TASKS = ("edit", "video-edit")
 
 
 def _schema(path: Path):
@@ -38,7 +46,7 @@ def _check_types(path: Path, schema, cols) -> None:
         ok = (pa.types.is_binary(t) or pa.types.is_large_binary(t)) if c in MEDIA_COLUMNS else \
             (pa.types.is_string(t) or pa.types.is_large_string(t))
         if not ok:
-            want = "binary (the encoded image file)" if c in MEDIA_COLUMNS else "string"
+            want = "binary (the encoded file)" if c in MEDIA_COLUMNS else "string"
             raise InvalidRequestError(f"{path} column {c} is {t}, not {want} (upstream's train_dataset.md)",
                                       param="data")
 
@@ -62,10 +70,11 @@ def _after_newline(text: Optional[str]) -> Optional[str]:
 
 
 def read_parquet(path, task: str) -> List[Dict]:
-    """Rows of an upstream-format local parquet file as Item fields (name, text, image, target, question, system),
-    media as bytes. t2i / edit captions are stripped (upstream's TextCleaner); i2t texts are kept as written, as
-    upstream renders them (its x2t reader cleans none of caption_i / caption_q / caption_a), but for line breaks
-    at the start of caption_i / caption_a (`_after_newline`)."""
+    """Rows of an upstream-format local parquet file as dicts (name, text, media, target, question, system), media
+    as bytes: `media` is the t2i / t2v target, the edit source or the understanding input. Generation captions are
+    stripped (upstream's TextCleaner); understanding texts are kept as written, as upstream renders them (its x2t
+    reader cleans none of caption_i / caption_q / caption_a), but for line breaks at the start of caption_i /
+    caption_a (`_after_newline`)."""
     path = Path(path)
     if task not in PARQUET_COLUMNS:
         raise InvalidRequestError(f"parquet data is supported for {', '.join(PARQUET_COLUMNS)}, not {task}",
@@ -86,18 +95,16 @@ def read_parquet(path, task: str) -> List[Dict]:
         name = f"row{n:06d}"
         media = [c for c in cols if c in MEDIA_COLUMNS and not row[c]]
         if media:
-            raise InvalidRequestError(f"{path} {name}: no image in {', '.join(media)}", param="data")
-        if task == "i2t":
+            raise InvalidRequestError(f"{path} {name}: nothing in {', '.join(media)}", param="data")
+        files = [bytes(row[c]) for c in cols if c in MEDIA_COLUMNS]
+        if task in UNDERSTANDING_TASKS:
             # upstream: caption_q "" means no question; an empty caption_i falls back to our default prompts
             out.append(dict(name=name, text=_after_newline(_text(path, n, row["caption_a"], "caption_a")),
-                            image=row["image_bytes"], question=row["caption_q"] or None,
+                            media=files[0], question=row["caption_q"] or None,
                             system=_after_newline(_text(path, n, row["caption_i"], "caption_i", required=False))))
             continue
         text = _text(path, n, row["caption"], "caption").strip()
-        if task == "t2i":
-            out.append(dict(name=name, text=text, image=row["image_bytes"]))
-        else:
-            out.append(dict(name=name, text=text, image=row["input_image_bytes"], target=row["output_image_bytes"]))
+        out.append(dict(name=name, text=text, media=files[0], target=files[1] if task in EDIT_TASKS else None))
     return out
 
 

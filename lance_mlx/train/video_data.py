@@ -27,6 +27,7 @@ import numpy as np
 from .. import processing as P
 from ..errors import InputNotFoundError, InvalidRequestError, LanceError
 from ..media import VIDEO_SUFFIXES
+from .parquet import read_parquet
 
 VIDEO_TASKS = ("t2v", "i2v", "video-edit", "v2t")
 TARGET_SUFFIX = "_target"
@@ -43,9 +44,6 @@ DEFAULT_VIDEO_RESOLUTION = 256
 # ViT bucket area per VAE area of the video presets (processing.PRESETS: video_192p, video_360p, video_480p; upstream
 # config/train_local/v2v_local.yaml: 640 -> 616).
 VIDEO_VIT_FOR = {256: 224, 480: 476, 640: 616}
-PARQUET_COLUMNS = {"t2v": ("caption", "video_bytes"), "i2v": ("caption", "video_bytes"),
-                   "video-edit": ("caption", "input_video_bytes", "output_video_bytes"),
-                   "v2t": ("video_bytes", "caption_i", "caption_q", "caption_a")}
 MANIFEST_KEYS = {"t2v": ("video", "caption"), "i2v": ("video", "caption"),
                  "video-edit": ("source", "target", "instruction"), "v2t": ("video", "answer")}
 
@@ -150,43 +148,9 @@ def scan_manifest(path: Path, task: str) -> List[VideoItem]:
     return items
 
 
-def _text(row: Dict, key: str) -> str:
-    return row[key].strip() if isinstance(row.get(key), str) else ""
-
-
 def scan_parquet(path: Path, task: str) -> List[VideoItem]:
-    """Rows of an upstream-format local parquet file (media as bytes; data/datasets_factory/
-    dataset_x2v_interleave_local.py::_validate_local_row and base_mm_parquet_dataset.py::transform_row)."""
-    try:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(str(path))
-    except ImportError:
-        raise InvalidRequestError("reading parquet needs pyarrow: pip install pyarrow", param="data") from None
-    except Exception as e:  # pyarrow raises its own error types for unreadable files
-        raise InvalidRequestError(f"{path} is not a readable parquet file ({e})", param="data") from None
-    cols = PARQUET_COLUMNS[task]
-    missing = [c for c in cols if c not in table.column_names]
-    if missing:
-        raise InvalidRequestError(f"{path} lacks the column(s) {', '.join(missing)} (a {task} parquet needs "
-                                  f"{', '.join(cols)}, as upstream's train_dataset.md)", param="data")
-    items = []
-    for n, row in enumerate(table.select(list(cols)).to_pylist()):
-        name, where = f"row{n:06d}", f"{path} row {n}"
-        text = _text(row, "caption_a" if task == "v2t" else "caption")
-        if not text:
-            raise InvalidRequestError(f"{where}: empty {'caption_a' if task == 'v2t' else 'caption'}", param="data")
-        media = [row[c] for c in cols if c.endswith("_bytes")]
-        if not all(isinstance(m, (bytes, bytearray)) and m for m in media):
-            raise InvalidRequestError(f"{where}: the video column is empty or not binary", param="data")
-        if task == "video-edit":
-            items.append(VideoItem(name, text, bytes(media[0]), bytes(media[1])))
-        elif task == "v2t":
-            items.append(VideoItem(name, text, bytes(media[0]), question=_text(row, "caption_q") or None,
-                                   system=_text(row, "caption_i") or None))
-        else:
-            items.append(VideoItem(name, text, bytes(media[0])))
-    return items
+    """Rows of an upstream-format local parquet file (media as bytes; `parquet.read_parquet`)."""
+    return [VideoItem(video=row.pop("media"), **row) for row in read_parquet(path, task)]
 
 
 # ------------------------------------------------------------------------------------------------ reading
