@@ -2,6 +2,7 @@
 batch 1, rank 16, with and without per-layer gradient checkpointing, optionally over a 4-bit base.
 
     python bench/train.py --layers 2                      # quick check
+    python bench/train.py --layers 2 --frames 17 --resolutions 256   # a 17-frame text-to-video clip
     flock /work/heavy.lock python bench/train.py          # all 36 layers (needs the memory of the base weights)
 """
 
@@ -33,14 +34,15 @@ PROMPT_IDS = [32, 8251, 9982, 264, 22361, 448, 47613, 1467, 330, 50669, 1]
 GB = 1024 ** 3
 
 
-def example(resolution: int, seed: int = 0):
-    """One t2i example at resolution² (latent grid resolution/16) with random clean latents, and its draws."""
-    n = resolution // 16
-    seq = generation_sequence("t2i", PROMPT_IDS, (1, n, n))
+def example(resolution: int, frames: int = 1, seed: int = 0):
+    """One t2i example at resolution² (latent grid resolution/16), or t2v with `frames` frames (4k+1: (frames-1)/4+1
+    latent frames), with random clean latents, and its draws."""
+    n, t = resolution // 16, (frames - 1) // 4 + 1
+    seq = generation_sequence("t2i" if frames == 1 else "t2v", PROMPT_IDS, (t, n, n))
     rng = np.random.default_rng(seed)
-    seq.splits[seq.noise_index].data = rng.standard_normal((n * n, 48)).astype(np.float32)
+    seq.splits[seq.noise_index].data = rng.standard_normal((t * n * n, 48)).astype(np.float32)
     ex = O.Example(seq)
-    return ex, O.fixed_draws([ex], [[0.3]], [[rng.standard_normal((n * n, 48)).astype(np.float32)]])[0]
+    return ex, O.fixed_draws([ex], [[0.3]], [[rng.standard_normal((t * n * n, 48)).astype(np.float32)]])[0]
 
 
 def run_case(args, resolution: int, checkpointing: bool, bits) -> dict:
@@ -53,7 +55,7 @@ def run_case(args, resolution: int, checkpointing: bool, bits) -> dict:
     factors = L.add_adapter(model, L.match_targets(model, L.GEN_EXPERT_TARGETS), args.rank, args.rank)
     lora_params = sum(a.lora_a.size + a.lora_b.size for a in factors)
     opt = optim.AdamW(learning_rate=1e-4, betas=[0.9, 0.95], eps=1e-15, weight_decay=0.0)
-    ex, dr = example(resolution)
+    ex, dr = example(resolution, args.frames)
 
     def loss(m):
         return O.losses(m, O.pack(m, [ex], [dr]), checkpoint=checkpointing).loss
@@ -87,8 +89,12 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointing", default="on,off", help="on, off or on,off (default)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (default 2; the median is shown)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--frames", type=int, default=1, help="1: text-to-image (default); 4k+1: text-to-video clip")
     args = p.parse_args(argv)
-    print(f"device {mx.default_device()}, {args.layers} layers, weights {args.dtype}, activations "
+    if args.frames < 1 or (args.frames - 1) % 4:
+        p.error("--frames must be 1 or 4k+1 (5, 9, 17, ...)")
+    print(f"{'t2i' if args.frames == 1 else f't2v, {args.frames} frames'}: device {mx.default_device()}, "
+          f"{args.layers} layers, weights {args.dtype}, activations "
           f"{args.compute_dtype or args.dtype}, rank {args.rank}, batch 1")
     print(blas_line())
     print("| resolution | tokens | checkpointing | base bits | weights GB | peak GB | s/step |")

@@ -46,12 +46,28 @@ class QuantizedLinear(nn.QuantizedLinear):
         rows = x.size // max(x.shape[-1], 1)
         return rows >= CPU_DEQUANTIZE_MIN_ROWS.get(x.dtype, CPU_DEQUANTIZE_MIN_ROWS_OTHER)
 
+    def _dequantized(self, like: mx.array) -> mx.array:
+        """The float weight in `like`'s dtype, computed only once `like` exists: left alone, the graph evaluator
+        would dequantize every layer's weight up front and hold all the copies at once."""
+        w, scales, biases = mx.depends([self["weight"], self["scales"], self["biases"]], [like])
+        return mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=self.group_size,
+                             bits=self.bits).astype(like.dtype)
+
     def __call__(self, x: mx.array) -> mx.array:
         if not self._dequantize_first(x):
             return super().__call__(x)
-        w = mx.dequantize(self["weight"], self["scales"].astype(mx.float32), self["biases"].astype(mx.float32),
-                          group_size=self.group_size, bits=self.bits)
-        y = x @ w.astype(x.dtype).T
+
+        # The backward pass dequantizes again instead of keeping the forward's copy, so a training step holds one
+        # float matrix at a time, not a float copy of every layer's weights until the backward pass reaches it.
+        @mx.custom_function
+        def product(x):
+            return x @ self._dequantized(x).T
+
+        @product.vjp
+        def product_vjp(x, cotangent, output):
+            return cotangent @ self._dequantized(cotangent)
+
+        y = product(x)
         if "bias" in self:
             y = y + self["bias"]
         return y

@@ -178,3 +178,26 @@ def test_cpu_route_is_what_quantize_lance_installs():
     layers = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
     assert layers and all(type(m) is quantize.QuantizedLinear for m in layers)
     assert layers[0]._dequantize_first(mx.zeros((64, layers[0].weight.shape[1] * 32 // 4)))
+
+
+def test_cpu_route_keeps_no_float_weights_for_the_backward_pass():
+    """Training through a stack of quantized layers holds a few dequantized matrices at a time, however many layers:
+    not a float copy of every layer's weight until the backward pass reaches it (measured: 4 matrices for 4 to 16
+    layers; without the recomputing backward and the ordering, 18 for 16 layers)."""
+    layers = [quantize.QuantizedLinear.from_linear(nn.Linear(1024, 1024, bias=False), 64, 4) for _ in range(16)]
+    mx.eval([m.parameters() for m in layers])
+    x = mx.random.normal((64, 1024), key=mx.random.key(0))
+    mx.eval(x)
+
+    def loss(x):
+        for m in layers:
+            x = mx.tanh(m(x))
+        return x.sum()
+
+    assert layers[0]._dequantize_first(x)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(mx.grad(loss)(x))
+    matrix = 1024 * 1024 * 4  # one layer's weight in float32
+    assert mx.get_peak_memory() - base < 8 * matrix
