@@ -144,6 +144,7 @@ def test_features_and_examples(tmp_path, pipe, t2v_features, monkeypatch):
     import mlx.core as mx
 
     from lance_mlx.sequence import IM_END
+    from lance_mlx.train import data as D
     from lance_mlx.train import video_data as V
     from lance_mlx.train import video_examples as VE
 
@@ -170,7 +171,7 @@ def test_features_and_examples(tmp_path, pipe, t2v_features, monkeypatch):
     (tmp_path / "u.jsonl").write_text(json.dumps({"video": "e/v0.mp4", "answer": "a tiny clip"}) + "\n")
     u = VE.cache_features(V.find_items(tmp_path / "u.jsonl", clip), pipe, clip, tmp_path / "c2", 64, 56)[0]
     assert u.target_mu is None and u.vit_grid == (3, 2, 2)
-    ex = VE.build_example(u, "v2t", random.Random(0), key, prompts=VE.understanding_prompts(pipe.tokenizer))
+    ex = VE.build_example(u, "v2t", random.Random(0), key, prompts=D.understanding_prompts(pipe.tokenizer, "video"))
     assert ex.labels[-1] == IM_END and ex.labels[:-1].tolist() == u.text_ids.tolist()
     assert (ex.seq.input_ids[ex.ce_index + 1] == ex.labels).all()
 

@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+from test_train_objective import assert_loss_matches, example
 
 from fixtures import GOLDEN
 
@@ -31,44 +32,9 @@ def tok():
     return AutoTokenizer.from_pretrained(str(GOLDEN / "tokenizer"))
 
 
-def example(z, name):
-    """The stored sample as an Example (splits rebuilt from the stored layout) and its stored draws."""
-    from lance_mlx.sequence import Sequence, Split, latent_split, vit_split
-    from lance_mlx.train.objective import Example
-
-    ids, lens, modes = z[f"{name}/input_ids"], z[f"{name}/split_lens"], [str(m) for m in z[f"{name}/attn_modes"]]
-    mod, grids = z[f"{name}/modality"], z[f"{name}/grids"]
-    splits, o = [], 0
-    for n, mode, g in zip(lens, modes, grids):
-        g = tuple(int(v) for v in g)
-        if mode == "noise":
-            s = latent_split(g, "target", z[f"{name}/latent_target"])
-        elif mode == "full_noise":
-            s = latent_split(g, "cond", z[f"{name}/latent_cond"])
-        elif mode == "full":
-            s = vit_split(g, z[f"{name}/vit"])
-        else:
-            s = Split(ids=ids[o:o + n], attn=mode, modality=mod[o:o + n])
-        assert list(s.ids) == list(ids[o:o + n]) and list(s.modality) == list(mod[o:o + n])
-        splits.append(s)
-        o += n
-    ex = Example(Sequence(splits), ce_index=z.get(f"{name}/ce_index"), labels=z.get(f"{name}/labels"),
-                 clean_frames=int(z[f"{name}/clean_frames"]))
-    return ex, [float(v) for v in z[f"{name}/z"]], [z[f"{name}/noise"]] if len(z[f"{name}/z"]) else []
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_matches_upstream(golden, model, case):
-    from lance_mlx.train import objective as O
-
-    parts = [example(golden, p) for p in CASES[case]]
-    exs = [p[0] for p in parts]
-    draws = O.fixed_draws(exs, [p[1] for p in parts], [p[2] for p in parts])
-    r = O.losses(model, O.pack(model, exs, draws), vocab_limit=151665)
-    loss, mse, ce = golden[f"{case}/expected"]
-    assert float(r.loss.item()) == pytest.approx(loss, rel=1e-5)
-    assert float(r.mse.item() if r.mse is not None else 0.0) == pytest.approx(mse, rel=1e-5)
-    assert float(r.ce.item() if r.ce is not None else 0.0) == pytest.approx(ce, rel=1e-5)
+    assert_loss_matches(golden, model, CASES[case], case)
 
 
 def test_first_frame_is_clean_and_out_of_the_loss(golden, model):
@@ -92,7 +58,8 @@ def test_layouts_are_our_video_task_layouts(golden, tok):
     """The stored layouts are the ones the video training data builds (template, prompt split, blocks)."""
     import mlx.core as mx
 
-    from lance_mlx.train.video_examples import VideoFeatures, build_example, understanding_prompts
+    from lance_mlx.train.data import understanding_prompts
+    from lance_mlx.train.video_examples import VideoFeatures, build_example
 
     ids = (lambda s: np.asarray(tok(s, add_special_tokens=False)["input_ids"]))
     zero = (lambda n: mx.zeros((n, 48)))
@@ -102,7 +69,7 @@ def test_layouts_are_our_video_task_layouts(golden, tok):
                          mx.zeros((4, 64)), (2, 1, 2))
     v2t = VideoFeatures(ids("The man opens the door and walks out."), vit=mx.zeros((4, 64)), vit_grid=(2, 1, 2),
                         question_ids=ids("What does the man do?"))
-    prompts = understanding_prompts(tok)
+    prompts = understanding_prompts(tok, "video")
     key = mx.random.key(0)
     built = {"t2v": build_example(t2v, "t2v", random.Random(0), key, 0.0, 0.0, ff2v_rate=0.0),
              "ff2v": build_example(ff2v, "i2v", random.Random(0), key, 0.0, 0.0),

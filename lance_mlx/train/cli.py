@@ -230,7 +230,7 @@ def run(args) -> int:
                         "model": str(args.model)}
     if video:
         feature_settings.update(num_frames=args.num_frames, fps=args.fps)
-    data_hash = (V.data_hash if video else D.data_hash)(items, feature_settings)
+    data_hash = D.data_hash(items, feature_settings, "video" if video else "image")
 
     from ..pipeline import LancePipeline
     from ..quantize import quantize_lance

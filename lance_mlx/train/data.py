@@ -20,7 +20,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -75,9 +75,10 @@ def _images_in(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text(path: Path, what: str, medium: str = "image") -> str:
+    """The stripped caption / instruction / answer beside a training image or video (one clear error if missing)."""
     if not path.is_file():
-        raise InputNotFoundError(f"{path} is missing: every training image needs its {what} in a same-named .txt",
+        raise InputNotFoundError(f"{path} is missing: every training {medium} needs its {what} in a same-named .txt",
                                  param="data")
     text = path.read_text(encoding="utf-8").strip()
     if not text:
@@ -96,10 +97,10 @@ def scan_folder(folder: Path, task: str) -> List[Item]:
             if not tgt:
                 raise InputNotFoundError(f"{src} has no target image: add {src.stem}{TARGET_SUFFIX}{src.suffix} "
                                          f"beside it", param="data")
-            items.append(Item(src.stem, _read_text(src.with_suffix(".txt"), "instruction"), src, tgt[0]))
+            items.append(Item(src.stem, read_text(src.with_suffix(".txt"), "instruction"), src, tgt[0]))
     else:
         what = "caption" if task == "t2i" else "answer"
-        items = [Item(p.stem, _read_text(p.with_suffix(".txt"), what), p) for p in images]
+        items = [Item(p.stem, read_text(p.with_suffix(".txt"), what), p) for p in images]
     return items
 
 
@@ -181,12 +182,13 @@ def find_items(data, task: str) -> List[Item]:
     return items
 
 
-def data_hash(items: Sequence[Item], settings: Dict) -> str:
-    """A hash of the items (paths, sizes, mtimes, texts) and the settings that change the cached features."""
+def data_hash(items: Sequence, settings: Dict, medium: str = "image") -> str:
+    """A hash of the items (paths, sizes, mtimes, texts) and the settings that change the cached features; `medium`
+    names the items' source field (Item.image, video_data.VideoItem.video)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for it in items:
-        for p in (it.image, it.target):
-            if isinstance(p, bytes):
+        for p in (getattr(it, medium), it.target):
+            if isinstance(p, (bytes, bytearray)):
                 h.update(hashlib.sha256(p).digest())
             elif p is not None:
                 st = p.stat()
@@ -282,41 +284,48 @@ def load_features(path: Path) -> Features:
                     source_shape=tuple(source) if source else None)
 
 
-def cache_features(items: Sequence[Item], task: str, pipe, cache_dir: Path, resolution: int,
-                   vit_resolution: int, progress=None) -> List[Features]:
-    """Features of every item, read from `cache_dir` when there, else encoded and written there."""
+def cache_each(items: Sequence, cache_dir: Path, encode: Callable, save: Callable, load: Callable,
+               progress=None) -> List:
+    """Features of every item, read from `cache_dir` when there, else `encode`d and `save`d there first."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for i, it in enumerate(items):
         path = cache_dir / f"{i:06d}_{it.name[:60]}.safetensors"
         if not path.is_file():
-            save_features(encode_item(it, task, pipe, resolution, vit_resolution), path)
-        out.append(load_features(path))
+            save(encode(it), path)
+        out.append(load(path))
         if progress is not None:
             progress(i + 1, len(items))
     return out
 
 
+def cache_features(items: Sequence[Item], task: str, pipe, cache_dir: Path, resolution: int,
+                   vit_resolution: int, progress=None) -> List[Features]:
+    """Features of every item, read from `cache_dir` when there, else encoded and written there."""
+    return cache_each(items, cache_dir, lambda it: encode_item(it, task, pipe, resolution, vit_resolution),
+                      save_features, load_features, progress)
+
+
 # ------------------------------------------------------------------------------------------------ examples
-def _sample(mu: mx.array, log_var: mx.array, key: mx.array) -> mx.array:
+def sample_posterior(mu: mx.array, log_var: mx.array, key: mx.array) -> mx.array:
     """Upstream's latent (WanVideoVAE use_sample): mu_n + exp(0.5 log_var) eps, drawn anew each step."""
     return mu + mx.exp(0.5 * log_var) * mx.random.normal(mu.shape, key=key)
 
 
-def _understanding_example(f: Features, rng: random.Random, prompts: Optional[Dict[str, List[int]]]) -> Example:
-    """Upstream's x2t sample (dataset_x2t_interleave.py, text template): SYSTEM = the item's caption_i, USER = [ViT
-    block, question if any], ASSISTANT = the answer; CE on the answer and its <|im_end|>, each predicted from the
-    token before it (system_prompt_render.py::expand_and_index_by_token_ids_new: the tokens after "assistant\n";
-    pack_sequence: ce_loss_indexes = label index - 1). No drops (enable_cfg 0). Items without their own system
-    prompt: with a question, upstream's question-answering prompt (config/examples/x2t_image_example.json);
-    without, one of the four caption prompts at random, as upstream for a caption-only target
-    (data/common.py::generate_system_prompt("caption"))."""
+def understanding_example(f, rng: random.Random, prompts: Dict[str, List[int]], medium: str = "image") -> Example:
+    """Upstream's x2t sample of an image or video (`medium`; dataset_x2t_interleave.py, text template): SYSTEM = the
+    item's caption_i, USER = [ViT block, question if any], ASSISTANT = the answer; CE on the answer and its
+    <|im_end|>, each predicted from the token before it (system_prompt_render.py::expand_and_index_by_token_ids_new:
+    the tokens after "assistant\n"; pack_sequence: ce_loss_indexes = label index - 1). No drops (enable_cfg 0).
+    Items without their own system prompt: with a question, upstream's question-answering prompt
+    (config/examples/x2t_{image,video}_example.json); without, one of the four caption prompts at random, as
+    upstream for a caption-only target (data/common.py::generate_system_prompt("caption"))."""
     if f.system_ids is not None:
         system = [int(i) for i in f.system_ids]
     elif f.question_ids is not None:
-        system = prompts[QA_SYSTEM_PROMPTS["image"]]
+        system = prompts[QA_SYSTEM_PROMPTS[medium]]
     else:
-        system = prompts[rng.choice(caption_system_prompts("image"))]
+        system = prompts[rng.choice(caption_system_prompts(medium))]
     user = [vit_split(f.vit_grid, f.vit)] + ([f.question_ids] if f.question_ids is not None else [])
     answer = [int(i) for i in f.text_ids]
     seq = chat_sequence(system, user, [answer])
@@ -337,9 +346,9 @@ def build_example(f: Features, task: str, rng: random.Random, key: mx.array, tex
     system prompts: t2i `T2I_TRAIN_SYSTEM_IDS`, edit generate_system_prompt("edit", "image"), neither sampled.
     `prompts` (`understanding_prompts`) holds the token ids of the default i2t system prompts."""
     if task == "i2t":
-        return _understanding_example(f, rng, prompts)
+        return understanding_example(f, rng, prompts)
     k_target, k_source = mx.random.split(key)
-    x0 = _sample(f.target_mu, f.target_log_var, k_target)
+    x0 = sample_posterior(f.target_mu, f.target_log_var, k_target)
     drop_text = rng.random() < text_drop
     if task == "t2i":
         if drop_text:
@@ -348,7 +357,8 @@ def build_example(f: Features, task: str, rng: random.Random, key: mx.array, tex
             seq = generation_sequence("t2i", f.text_ids, f.shape, system_ids=T2I_TRAIN_SYSTEM_IDS)
     else:
         drop_vision = rng.random() < vision_drop
-        source = latent_split(f.source_shape or f.shape, "cond", _sample(f.source_mu, f.source_log_var, k_source))
+        cond = sample_posterior(f.source_mu, f.source_log_var, k_source)
+        source = latent_split(f.source_shape or f.shape, "cond", cond)
         user = [] if drop_vision else [vit_split(f.vit_grid, f.vit), source]
         user += [] if drop_text else [f.text_ids]
         seq = chat_sequence(system_prompt_ids("image_edit"), user, [latent_split(f.shape, "target")],
@@ -357,10 +367,11 @@ def build_example(f: Features, task: str, rng: random.Random, key: mx.array, tex
     return Example(seq)
 
 
-def understanding_prompts(tokenizer) -> Dict[str, List[int]]:
-    """Token ids of the i2t system prompts (caption prompts and the question-answering prompt)."""
+def understanding_prompts(tokenizer, medium: str = "image") -> Dict[str, List[int]]:
+    """Token ids of the i2t / v2t (`medium` "video") system prompts (caption prompts and the question-answering
+    prompt)."""
     return {t: list(tokenizer(t, add_special_tokens=False)["input_ids"])
-            for t in caption_system_prompts("image") + [QA_SYSTEM_PROMPTS["image"]]}
+            for t in caption_system_prompts(medium) + [QA_SYSTEM_PROMPTS[medium]]}
 
 
 def buckets(features: Sequence[Features]) -> Dict[tuple, List[int]]:

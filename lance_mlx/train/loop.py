@@ -116,9 +116,8 @@ class Trainer:
         self.metadata = dict(metadata or {})
         self.validation, self.log = validation, log
         self.vocab_limit = len(pipe.tokenizer) if pipe.tokenizer is not None else None
-        self.prompts = D.understanding_prompts(pipe.tokenizer) if settings.task == "i2t" else None
-        if settings.task == "v2t":
-            self.prompts = VE.understanding_prompts(pipe.tokenizer)
+        self.prompts = (D.understanding_prompts(pipe.tokenizer, "video" if settings.task == "v2t" else "image")
+                        if settings.task in ("i2t", "v2t") else None)
         self.model.freeze()
         paths = L.match_targets(self.model, settings.targets)
         if not paths:

@@ -15,18 +15,18 @@ Layouts (docs/training.md):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Union
 
 import numpy as np
 
 from .. import processing as P
 from ..errors import InputNotFoundError, InvalidRequestError, LanceError
 from ..media import VIDEO_SUFFIXES
+from .data import read_text
 from .parquet import read_parquet
 
 VIDEO_TASKS = ("t2v", "i2v", "video-edit", "v2t")
@@ -93,21 +93,11 @@ def _videos_in(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
 
 
-def _read_text(path: Path, what: str) -> str:
-    if not path.is_file():
-        raise InputNotFoundError(f"{path} is missing: every training video needs its {what} in a same-named .txt",
-                                 param="data")
-    text = path.read_text(encoding="utf-8").strip()
-    if not text:
-        raise InvalidRequestError(f"{path} is empty: write the {what} into it", param="data")
-    return text
-
-
 def scan_folder(folder: Path, task: str) -> List[VideoItem]:
     videos = _videos_in(folder)
     if task != "video-edit":
         what = "answer" if task == "v2t" else "caption"
-        return [VideoItem(p.stem, _read_text(p.with_suffix(".txt"), what), p) for p in videos]
+        return [VideoItem(p.stem, read_text(p.with_suffix(".txt"), what, "video"), p) for p in videos]
     items = []
     for src in videos:
         if src.stem.endswith(TARGET_SUFFIX):
@@ -116,7 +106,7 @@ def scan_folder(folder: Path, task: str) -> List[VideoItem]:
         if not tgt:
             raise InputNotFoundError(f"{src} has no target video: add {src.stem}{TARGET_SUFFIX}{src.suffix} beside it",
                                      param="data")
-        items.append(VideoItem(src.stem, _read_text(src.with_suffix(".txt"), "instruction"), src, tgt[0]))
+        items.append(VideoItem(src.stem, read_text(src.with_suffix(".txt"), "instruction", "video"), src, tgt[0]))
     return items
 
 
@@ -249,19 +239,5 @@ def find_items(data, clip: ClipSettings) -> List[VideoItem]:
     return items
 
 
-def data_hash(items: Sequence[VideoItem], settings: Dict) -> str:
-    """A hash of the items (paths, sizes, mtimes, texts) and the settings that change the cached features."""
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for it in items:
-        for p in (it.video, it.target):
-            if isinstance(p, (bytes, bytearray)):
-                h.update(hashlib.sha256(p).digest())
-            elif p is not None:
-                st = p.stat()
-                h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-        h.update(f"|{it.text}|{it.question}|{it.system}".encode())
-    return h.hexdigest()[:16]
-
-
 __all__ = ["VIDEO_TASKS", "VIDEO_SUFFIXES", "VideoItem", "ClipSettings", "check_clip_settings", "find_items",
-           "read_clip", "data_hash", "FF2V_RATE", "DEFAULT_NUM_FRAMES", "DEFAULT_VIDEO_RESOLUTION", "VIDEO_VIT_FOR"]
+           "read_clip", "FF2V_RATE", "DEFAULT_NUM_FRAMES", "DEFAULT_VIDEO_RESOLUTION", "VIDEO_VIT_FOR"]

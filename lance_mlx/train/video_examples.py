@@ -24,9 +24,6 @@ import numpy as np
 from .. import processing as P
 from ..errors import InvalidRequestError
 from ..sequence import (
-    END_IDS,
-    QA_SYSTEM_PROMPTS,
-    caption_system_prompts,
     chat_sequence,
     edit_sequence,
     generation_sequence,
@@ -34,7 +31,7 @@ from ..sequence import (
     system_prompt_ids,
     vit_split,
 )
-from .data import TEXT_DROP, VISION_DROP
+from .data import TEXT_DROP, VISION_DROP, cache_each, sample_posterior, understanding_example
 from .objective import Example
 from .video_data import FF2V_RATE, ClipSettings, VideoItem, read_clip
 
@@ -136,43 +133,8 @@ def load_features(path: Path) -> VideoFeatures:
 def cache_features(items: Sequence[VideoItem], pipe, clip: ClipSettings, cache_dir: Path, resolution: int,
                    vit_resolution: int, progress=None) -> List[VideoFeatures]:
     """Features of every item, read from `cache_dir` when there, else encoded and written there."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, it in enumerate(items):
-        path = cache_dir / f"{i:06d}_{it.name[:60]}.safetensors"
-        if not path.is_file():
-            save_features(encode_item(it, pipe, clip, resolution, vit_resolution), path)
-        out.append(load_features(path))
-        if progress is not None:
-            progress(i + 1, len(items))
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ examples
-def _sample(mu: mx.array, log_var: mx.array, key: mx.array) -> mx.array:
-    """Upstream's latent (WanVideoVAE use_sample): mu_n + exp(0.5 log_var) eps, drawn anew each step."""
-    return mu + mx.exp(0.5 * log_var) * mx.random.normal(mu.shape, key=key)
-
-
-def understanding_prompts(tokenizer) -> Dict[str, List[int]]:
-    """Token ids of the v2t system prompts (the video caption prompts and the question-answering prompt)."""
-    return {t: list(tokenizer(t, add_special_tokens=False)["input_ids"])
-            for t in caption_system_prompts("video") + [QA_SYSTEM_PROMPTS["video"]]}
-
-
-def _v2t_example(f: VideoFeatures, rng: random.Random, prompts: Dict[str, List[int]]) -> Example:
-    if f.system_ids is not None:  # x2t_general rows: caption_i is the system prompt, caption_q the question
-        system = [int(i) for i in f.system_ids]
-    elif f.question_ids is not None:
-        system = prompts[QA_SYSTEM_PROMPTS["video"]]
-    else:  # upstream picks one of the caption prompts at random (data/common.py::generate_system_prompt)
-        system = prompts[rng.choice(caption_system_prompts("video"))]
-    user = [vit_split(f.vit_grid, f.vit)] + ([f.question_ids] if f.question_ids is not None else [])
-    answer = [int(i) for i in f.text_ids]
-    seq = chat_sequence(system, user, [answer])
-    n = len(seq)
-    start = n - len(END_IDS) - len(answer)  # first answer token
-    return Example(seq, ce_index=np.arange(start, n) - 1, labels=seq.input_ids[start:])
+    return cache_each(items, cache_dir, lambda it: encode_item(it, pipe, clip, resolution, vit_resolution),
+                      save_features, load_features, progress)
 
 
 def build_example(f: VideoFeatures, task: str, rng: random.Random, key: mx.array, text_drop: float = TEXT_DROP,
@@ -183,9 +145,9 @@ def build_example(f: VideoFeatures, task: str, rng: random.Random, key: mx.array
     is a first-frame-to-video sample with probability `ff2v_rate` (i2v: always) when the clip has two latent
     frames or more."""
     if task == "v2t":
-        return _v2t_example(f, rng, prompts)
+        return understanding_example(f, rng, prompts, "video")
     k_target, k_source = mx.random.split(key)
-    x0 = _sample(f.target_mu, f.target_log_var, k_target)
+    x0 = sample_posterior(f.target_mu, f.target_log_var, k_target)
     drop_text = rng.random() < text_drop
     clean = 0
     if task in ("t2v", "i2v"):
@@ -199,7 +161,7 @@ def build_example(f: VideoFeatures, task: str, rng: random.Random, key: mx.array
         seq = chat_sequence(system_prompt_ids("video_edit"), [] if drop_text else [f.text_ids],
                             [latent_split(f.shape, "target")], prompt_ids=None if drop_text else f.text_ids)
     else:
-        cond = _sample(f.source_mu, f.source_log_var, k_source)
+        cond = sample_posterior(f.source_mu, f.source_log_var, k_source)
         if drop_text:
             user = [vit_split(f.vit_grid, f.vit), latent_split(f.shape, "cond", cond)]
             seq = chat_sequence(system_prompt_ids("video_edit"), user, [latent_split(f.shape, "target")])
@@ -210,5 +172,4 @@ def build_example(f: VideoFeatures, task: str, rng: random.Random, key: mx.array
     return Example(seq, clean_frames=clean)
 
 
-__all__ = ["VideoFeatures", "encode_item", "cache_features", "load_features", "save_features", "build_example",
-           "understanding_prompts"]
+__all__ = ["VideoFeatures", "encode_item", "cache_features", "load_features", "save_features", "build_example"]
