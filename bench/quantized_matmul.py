@@ -23,11 +23,7 @@ def cases(layer: Qz.QuantizedLinear, rows: int, dtype) -> dict:
     mx.eval(x)
     return {"fused kernel": lambda: mx.eval(mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases,
                                                                  group_size=layer.group_size, bits=layer.bits)),
-            "dequantize + BLAS": lambda: mx.eval(layer(x) if layer._dequantize_first(x) else
-                                                 x @ mx.dequantize(layer.weight, layer.scales.astype(mx.float32),
-                                                                   layer.biases.astype(mx.float32),
-                                                                   group_size=layer.group_size,
-                                                                   bits=layer.bits).astype(dtype).T)}
+            "dequantize + BLAS": lambda: mx.eval(x @ layer._dequantized(x).T)}
 
 
 def main(argv=None) -> int:
